@@ -1,0 +1,176 @@
+"""The staged pipeline: data -> poison -> train -> compress -> defense -> metrics -> store.
+
+Each costly stage is an artifact keyed by its config and its parent's key (see
+:class:`~backdoorlab.bench.cache.ArtifactCache`); the poison stage stores only index records
+(the poisoned images are recomputed from them, deterministically), the train stage stores the
+weights. A cell's row is written in one transaction when the cell ends, so a study killed at
+any point and run again finishes the missing cells only, with no lost or duplicated row.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attacks import ATTACKS, Attack, PoisonedSplit
+from ..classifier import Classifier
+from ..config import to_dict
+from ..data.datasets import DataBundle, DatasetConfig, load_dataset
+from ..data.splits import defender_split
+from ..data.tensordata import TensorData
+from ..errors import BackdoorLabError
+from ..metrics import asr, clean_acc, ra
+from ..models import build_model
+from ..train.fit import fit
+from ..utils import derive_seed, generator, resolve_device
+from .cache import ArtifactCache
+from .store import ResultStore, Row, now, versions
+from .study import Cell, Study
+
+POISON_VERSION = 1
+TRAIN_VERSION = 1
+
+
+def evaluate(clf: Classifier, test: TensorData, attack: Attack, batch_size: int = 1024) -> dict[str, float]:
+    """CA on the clean test set; ASR and RA on its triggered copy (see :mod:`backdoorlab.metrics`)."""
+    x = test.float()
+    pred = clf.predict(x, batch_size)
+    counted = attack.counted(test.y)
+    xt = attack.apply(x[counted])
+    pred_t = clf.predict(xt, batch_size)
+    yc = test.y[counted]
+    return {"ca": clean_acc(pred, test.y), "asr": asr(pred_t, attack.target_labels(yc)),
+            "ra": ra(pred_t, yc)}
+
+
+@dataclass
+class Poisoned:
+    """Output of the split+poison stage."""
+
+    split: PoisonedSplit  # poisoned training set (the holdout removed)
+    holdout: TensorData  # the defender's clean holdout
+    train_idx: torch.Tensor  # indices of ``split.data`` in the full training set
+    key: str
+
+
+class Pipeline:
+    """Runs cells, reusing artifacts from ``cache`` and in-memory results within one run."""
+
+    def __init__(self, cache: ArtifactCache | None = None, data_dir: str | None = None,
+                 device: str | torch.device = "auto", progress: bool | None = None):
+        self.cache = cache or ArtifactCache()
+        self.data_dir = data_dir
+        self.device = resolve_device(device)
+        self.progress = progress
+        self._data: dict[str, DataBundle] = {}
+        self._models: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+
+    # -------------------------------------------------------------- stages
+    def data(self, cfg: DatasetConfig) -> DataBundle:
+        key = ArtifactCache.key("data", to_dict(cfg))
+        if key not in self._data:
+            self._data = {key: load_dataset(cfg, self.data_dir)}  # hold one dataset at a time
+        return self._data[key]
+
+    def poison(self, cell: Cell) -> Poisoned:
+        bundle = self.data(cell.dataset)
+        attack = ATTACKS.build(cell.attack, info=bundle.info)
+        cfg = {"dataset": to_dict(cell.dataset), "attack": cell.attack, "seed": cell.seed,
+               "holdout": cell.holdout, "v": POISON_VERSION}
+        key = ArtifactCache.key("poison", cfg)
+        n = len(bundle.train)
+        rec = self.cache.get("poison", key)
+        train_idx, hold_idx = defender_split(n, cell.holdout, generator(cell.seed, "holdout"))
+        train = bundle.train.subset(train_idx)
+        split = attack.poison(train, generator(cell.seed, "poison"))
+        if rec is None:
+            self.cache.put("poison", key, {"poison_idx": split.poison_idx, "holdout_idx": hold_idx,
+                                           "train_idx": train_idx, "config": cfg})
+        elif not torch.equal(rec["poison_idx"], split.poison_idx):
+            raise BackdoorLabError(f"poison artifact {key} disagrees with a recomputation; "
+                                   f"delete {self.cache.path('poison', key)} and rerun")
+        return Poisoned(split, bundle.train.subset(hold_idx), train_idx, key)
+
+    def train(self, cell: Cell, poisoned: Poisoned, attack: Attack) -> tuple[nn.Module, dict[str, Any]]:
+        info = self.data(cell.dataset).info
+        cfg = {"model": cell.model, "train": to_dict(cell.train), "seed": cell.seed, "v": TRAIN_VERSION}
+        key = ArtifactCache.key("train", cfg, poisoned.key)
+        if key in self._models:
+            return self._models[key]
+        torch.manual_seed(derive_seed(cell.seed, "init"))  # only the runner seeds (house rule 2)
+        model = build_model(cell.model, info.num_classes, info.channels, info.mean, info.std)
+        rec = self.cache.get("train", key)
+        if rec is not None:
+            model.load_state_dict(rec["state_dict"])
+            meta = dict(rec["meta"])
+        else:
+            hooks = [h] if (h := attack.train_hook()) is not None else []
+            result = fit(model, poisoned.split.data, cell.train, generator=generator(cell.seed, "train"),
+                         hooks=hooks, device=self.device, crop_pad=info.crop_pad, hflip=info.hflip,
+                         progress=self.progress)
+            model = result.model.cpu()
+            meta = {"train_wall": result.wall_time, "images_per_s": result.images_per_s,
+                    "history": result.history, "key": key}
+            self.cache.put("train", key, {"state_dict": model.state_dict(), "meta": meta})
+        model.eval()
+        self._models = {key: (model, meta)}  # keep the latest model only
+        return model, meta
+
+    # -------------------------------------------------------------- one cell
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        from ..compress import compress
+
+        bundle = self.data(cell.dataset)
+        attack = ATTACKS.build(cell.attack, info=bundle.info)
+        poisoned = self.poison(cell)
+        model, meta = self.train(cell, poisoned, attack)
+        clf = compress(cell.compression, model, calib=poisoned.holdout, device=self.device)
+        metrics = evaluate(clf, bundle.test, attack)
+        metrics.update(n_train=len(poisoned.split.data), n_poison=int(poisoned.split.poison_idx.numel()),
+                       n_holdout=len(poisoned.holdout), n_test=len(bundle.test),
+                       train_wall=meta["train_wall"], precision=clf.precision)
+        return {"metrics": metrics, "artifacts": {"poison": poisoned.key, "train": meta["key"]}}
+
+
+def run_study(study: Study, store: ResultStore, *, cache: ArtifactCache | None = None,
+              data_dir: str | None = None, device: str | None = None, progress: bool | None = None,
+              log: Callable[[str], None] | None = None, retry_errors: bool = True) -> list[Row]:
+    """Run every cell of ``study`` that ``store`` does not already hold as ``ok``."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    pipe = Pipeline(cache, data_dir, device or study.device, progress)
+    cells = study.cells()
+    done = store.status(c.run_id for c in cells)
+    todo = [c for c in cells if done.get(c.run_id) != "ok" and (retry_errors or c.run_id not in done)]
+    log(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    rows = []
+    vers = versions()
+    for i, cell in enumerate(todo, 1):
+        lab = cell.labels
+        row = Row(cell.run_id, study.name, lab["dataset"], lab["model"], lab["attack"], lab["compression"],
+                  lab["defense"], cell.seed, cell.config, status="running", versions=vers, started_at=now())
+        store.put(row)
+        t0 = time.perf_counter()
+        try:
+            out = pipe.run_cell(cell)
+            row.metrics, row.artifacts, row.status = out["metrics"], out["artifacts"], "ok"
+        except (BackdoorLabError, RuntimeError, ValueError, MemoryError) as exc:
+            row.status, row.error = "error", f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, BackdoorLabError):
+                row.metrics = {"traceback": traceback.format_exc(limit=5)}
+        row.wall_time = time.perf_counter() - t0
+        row.finished_at = now()
+        store.put(row)
+        rows.append(row)
+        m = row.metrics
+        result = (f"CA {m['ca']:.4f}  ASR {m['asr']:.4f}  RA {m['ra']:.4f}" if row.status == "ok"
+                  else row.error)
+        log(f"[{i}/{len(todo)}] {lab['dataset']} {lab['model']} {lab['attack']} {lab['compression']} "
+            f"{lab['defense']} seed={cell.seed}: {result} ({row.wall_time:.1f} s)")
+    return rows

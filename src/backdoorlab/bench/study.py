@@ -1,0 +1,182 @@
+"""Study specs: a grid over datasets x models x attacks x compressions x defenses x seeds.
+
+A study is a YAML file (the only YAML in the repo lives in ``studies/``)::
+
+    name: quickstart
+    datasets: [digits]                  # names or {name: gtsrb, train_limit: 6000, ...}
+    models: [small-cnn]
+    attacks: [none, badnets, {name: blended, alpha: 0.2}]
+    compress: [fp32]                    # deployment precisions (axis grows with later work)
+    defenses: [none]
+    seeds: [0, 1, 2]
+    train: {epochs: 30, batch_size: 128}
+    holdout: 0.05                       # defender's clean share of the training set
+
+Everything is validated before any cell runs, so a bad study changes nothing on disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import canonical_json, from_dict, stable_hash
+from ..data.datasets import DatasetConfig
+from ..errors import BackdoorLabError, check
+from ..registry import split_spec
+from ..train.fit import TrainConfig
+
+KEYS = {"name", "description", "datasets", "models", "attacks", "compress", "defenses", "seeds",
+        "train", "holdout", "device"}
+
+
+def _label(spec: str | dict[str, Any]) -> str:
+    """Short human label of a spec: ``badnets`` or ``badnets(rate=0.05)``."""
+    name, params = split_spec(spec)
+    if not params:
+        return name
+    inner = ",".join(f"{k}={canonical_json(v).strip(chr(34))}" for k, v in sorted(params.items()))
+    return f"{name}({inner})"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid; ``run_id`` hashes everything that determines its result."""
+
+    study: str
+    dataset: DatasetConfig
+    model: Any
+    attack: Any
+    compression: Any
+    defense: Any
+    seed: int
+    train: TrainConfig
+    holdout: float
+
+    @property
+    def config(self) -> dict[str, Any]:
+        from ..config import to_dict
+
+        return {"dataset": to_dict(self.dataset), "model": self.model, "attack": self.attack,
+                "compression": self.compression, "defense": self.defense, "seed": self.seed,
+                "train": to_dict(self.train), "holdout": self.holdout}
+
+    @property
+    def run_id(self) -> str:
+        return stable_hash(self.config, length=20)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        ds = _label({"name": self.dataset.name, **{k: v for k, v in self.config["dataset"].items()
+                                                   if k != "name" and v is not None and k != "subset_seed"}})
+        return {"dataset": ds, "model": _label(self.model), "attack": _label(self.attack),
+                "compression": _label(self.compression), "defense": _label(self.defense)}
+
+
+@dataclass
+class Study:
+    name: str
+    datasets: list[DatasetConfig]
+    models: list[Any]
+    attacks: list[Any]
+    compress: list[Any] = field(default_factory=lambda: ["fp32"])
+    defenses: list[Any] = field(default_factory=lambda: ["none"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: TrainConfig = field(default_factory=TrainConfig)
+    holdout: float = 0.05
+    device: str = "auto"
+    description: str = ""
+
+    def cells(self) -> list[Cell]:
+        return [Cell(self.name, d, m, a, c, f, s, self.train, self.holdout)
+                for d, m, a, s, c, f in itertools.product(self.datasets, self.models, self.attacks,
+                                                          self.seeds, self.compress, self.defenses)]
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Study:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise BackdoorLabError(f"study file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise BackdoorLabError(f"malformed study file {path}{where}: {problem}") from None
+        except UnicodeDecodeError:
+            raise BackdoorLabError(f"study file {path} is not UTF-8 text") from None
+        check(isinstance(raw, dict), f"study file {path} must be a mapping of settings")
+        return cls.from_dict(raw, default_name=path.stem)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], default_name: str = "study") -> Study:
+        import difflib
+
+        for key in raw:
+            if key not in KEYS:
+                close = difflib.get_close_matches(str(key), sorted(KEYS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise BackdoorLabError(f"study has no setting {key!r}{hint}")
+        for key in ("datasets", "models", "attacks"):
+            check(key in raw, f"study needs a '{key}' list")
+
+        def as_list(key: str, default: list[Any]) -> list[Any]:
+            v = raw.get(key, default)
+            v = [v] if isinstance(v, (str, dict, int)) else v
+            check(isinstance(v, list) and len(v) > 0, f"study '{key}' must be a non-empty list")
+            return v
+
+        train_raw = raw.get("train") or {}
+        check(isinstance(train_raw, dict), "study 'train' must be a mapping of training settings")
+        train = from_dict(TrainConfig, train_raw, what="train")
+        train.validate()
+        seeds = as_list("seeds", [0])
+        for s in seeds:
+            check(isinstance(s, int) and not isinstance(s, bool) and s >= 0,
+                  f"seeds must be non-negative integers, got {s!r}")
+        holdout = raw.get("holdout", 0.05)
+        check(isinstance(holdout, (int, float)) and 0 <= holdout < 1,
+              f"holdout must be in [0, 1), got {holdout!r}")
+        study = cls(
+            name=str(raw.get("name", default_name)),
+            datasets=[DatasetConfig.from_spec(d) for d in as_list("datasets", [])],
+            models=as_list("models", []),
+            attacks=as_list("attacks", []),
+            compress=as_list("compress", ["fp32"]),
+            defenses=as_list("defenses", ["none"]),
+            seeds=seeds,
+            train=train,
+            holdout=float(holdout),
+            device=str(raw.get("device", "auto")),
+            description=str(raw.get("description", "")),
+        )
+        study.validate()
+        return study
+
+    def validate(self) -> None:
+        """Build every named thing once (cheaply) so errors surface before any work."""
+        from ..attacks import ATTACKS
+        from ..compress import COMPRESSIONS
+        from ..defenses import DEFENSES
+        from ..models import MODELS
+        from ..utils import resolve_device
+
+        resolve_device(self.device)
+        for m in self.models:
+            name, params = split_spec(m)
+            MODELS.check_params(name, params)
+        for c in self.compress:
+            COMPRESSIONS.validate(c)
+        for f in self.defenses:
+            DEFENSES.validate(f)
+        for d in self.datasets:
+            info = d.info()
+            for a in self.attacks:
+                ATTACKS.build(a, info=info)  # checks target range, rate, patch fit, files

@@ -1,0 +1,148 @@
+"""The ``backdoorlab`` command: a thin layer over the Python API.
+
+Errors a user can cause print one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import BackdoorLabError
+
+
+def _store_path(arg: str | None) -> Path:
+    from .utils import home
+
+    return Path(arg) if arg else home() / "results.sqlite"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .bench.pipeline import run_study
+    from .bench.store import ResultStore
+    from .bench.study import Study
+    from .report.table import aggregate_table
+
+    study = Study.from_yaml(args.study)  # validated in full before anything is written
+    if args.data:
+        if not Path(args.data).is_dir():
+            raise BackdoorLabError(f"--data {args.data} is not a directory")
+    store = ResultStore(_store_path(args.store))
+    run_study(study, store, data_dir=args.data, device=args.device,
+              progress=False if args.no_progress else None)
+    rows = store.rows(study.name)
+    run_ids = {c.run_id for c in study.cells()}
+    rows = [r for r in rows if r.run_id in run_ids]
+    print(aggregate_table(rows))
+    failed = [r for r in rows if r.status != "ok"]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} cells failed; see `backdoorlab results`", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from .bench.store import ResultStore
+    from .report.table import aggregate_table, results_table
+
+    rows = ResultStore(_store_path(args.store)).rows(args.study)
+    if not rows:
+        print("no results" + (f" for study {args.study!r}" if args.study else ""))
+        return 0
+    print(aggregate_table(rows) if args.aggregate else results_table(rows))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bench.store import ResultStore
+
+    for p in ResultStore(_store_path(args.store)).export(args.out, args.format, args.study):
+        print(p)
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .data.fetch import fetch
+
+    path = fetch(args.name, args.dest, base_url=args.mirror, progress=sys.stderr.isatty())
+    print(path)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .attacks import ATTACKS
+    from .compress import COMPRESSIONS
+    from .data import DATASETS
+    from .defenses import DEFENSES
+    from .models import MODELS
+
+    regs = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS,
+            "compress": COMPRESSIONS, "defenses": DEFENSES}
+    for kind in [args.kind] if args.kind else regs:
+        print(f"{kind}: {', '.join(regs[kind].names())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="backdoorlab", description="Backdoor attacks and defenses "
+                                "for image classifiers as they are deployed.")
+    p.add_argument("--version", action="version", version=f"backdoorlab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a study YAML (resumable)")
+    r.add_argument("study", help="path to a study .yaml")
+    r.add_argument("--data", help="directory holding the datasets (else $BACKDOORLAB_DATA)")
+    r.add_argument("--store", help="result store (default $BACKDOORLAB_HOME/results.sqlite)")
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: the study's, else auto)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("results", help="print the result table")
+    s.add_argument("--store")
+    s.add_argument("--study", help="only this study")
+    s.add_argument("--aggregate", action="store_true", help="mean ± std over seeds")
+    s.set_defaults(fn=cmd_results)
+
+    e = sub.add_parser("export", help="write the results as CSV and Parquet")
+    e.add_argument("--out", default="results", help="output path without extension")
+    e.add_argument("--format", nargs="+", default=["csv", "parquet"], choices=["csv", "parquet"])
+    e.add_argument("--store")
+    e.add_argument("--study")
+    e.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download a dataset's official archives and verify them")
+    f.add_argument("name")
+    f.add_argument("--dest", help="where to put it (default $BACKDOORLAB_HOME/data)")
+    f.add_argument("--mirror", help="base URL of a mirror holding the same files")
+    f.set_defaults(fn=cmd_fetch)
+
+    ls = sub.add_parser("list", help="list registered names")
+    ls.add_argument("kind", nargs="?", choices=["datasets", "models", "attacks", "compress", "defenses"])
+    ls.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except BackdoorLabError as exc:
+        print(f"backdoorlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("backdoorlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Plain-text tables of result rows, one per cell or aggregated over seeds."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+
+from ..bench.store import Row
+
+METRICS = ("ca", "asr", "ra")
+AXES = ("dataset", "model", "attack", "compression", "defense")
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def results_table(rows: Sequence[Row]) -> str:
+    """One line per cell: the axes, seed, status, CA / ASR / RA and wall time."""
+    header = [*AXES, "seed", "status", "CA", "ASR", "RA", "wall_s"]
+    body = []
+    for r in rows:
+        status = r.status if r.status != "error" else f"error: {(r.error or '')[:60]}"
+        body.append([r.dataset, r.model, r.attack, r.compression, r.defense, str(r.seed), status,
+                     *(_fmt(r.metrics.get(m)) for m in METRICS), _fmt(r.wall_time)])
+    return render(header, body)
+
+
+def aggregate_table(rows: Sequence[Row]) -> str:
+    """Mean ± standard deviation over seeds of CA / ASR / RA for each (axes) group of ok rows."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        if r.status == "ok":
+            groups[tuple(getattr(r, a) for a in AXES)].append(r)
+    header = [*AXES, "seeds", "CA", "ASR", "RA"]
+    body = []
+    for key, rs in sorted(groups.items()):
+        cells = []
+        for m in METRICS:
+            vals = [r.metrics[m] for r in rs if isinstance(r.metrics.get(m), (int, float))]
+            if not vals:
+                cells.append("-")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.4f}")
+            else:
+                cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
+        body.append([*key, str(len(rs)), *cells])
+    return render(header, body)

@@ -1,0 +1,5 @@
+"""The one training loop and evaluation."""
+
+from .fit import FitResult, FitState, Hook, TrainConfig, accuracy, fit, predict
+
+__all__ = ["FitResult", "FitState", "Hook", "TrainConfig", "accuracy", "fit", "predict"]
