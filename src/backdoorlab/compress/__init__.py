@@ -1,36 +1,102 @@
 """Deployment: a compression config is handled by a registered function that returns a
 :class:`~backdoorlab.classifier.Classifier` for the model as it ships.
 
-``fp32`` is the reference: the trained module itself, in eval mode.
+Registered (``COMPRESSIONS.names()``):
+
+============================  ==============================================================
+``fp32``                      the PyTorch eager FP32 model (the reference)
+``fp16``, ``bf16``            the whole model in half precision (:mod:`.half`)
+``int8-dynamic``              ``quantize_dynamic``: Linear in int8, convs FP32 (:mod:`.dynamic`)
+``int8-torch``                FX static PTQ, x86/fbgemm int8 kernels (:mod:`.torch_int8`)
+``fp32-ort``, ``int8-ort``    ONNX Runtime FP32 / ``quantize_static`` QDQ int8 (:mod:`.ort`)
+``int4-w``, ``w4a8``          INT4 weights (+ 8-bit activations), fake-quant (:mod:`.lowbit`)
+``prune-l1[-30|-50|-70]``     unstructured magnitude pruning (:mod:`.prune`)
+``prune-channel[-30|-50|-70]`` L1 filter pruning (:mod:`.prune`)
+============================  ==============================================================
+
+A spec is a name, ``{name: ..., **params}``, a chain ``"prune-l1-50+int8-torch"`` or a list of
+specs (applied left to right; the result's ``precision`` joins the steps with ``+``).
+``COMPRESSIONS.validate(spec)`` checks names, parameter names, parameter values and chaining
+without doing any work (``Study.validate`` calls it). Handlers import ONNX Runtime and
+``torch.ao`` lazily, so importing this package stays cheap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..classifier import Classifier, TorchClassifier
+from ..classifier import Classifier
 from ..data.tensordata import TensorData
-from ..registry import Registry, split_spec
+from ..utils import resolve_device
+from .base import DEFAULT_CALIB_SIZE, CompressionConfig, CompressionRegistry, parse_chain
+from .calib import input_shape
 
-Handler = Callable[..., Classifier]
-COMPRESSIONS: Registry[Classifier] = Registry("compression")
-
-
-@COMPRESSIONS.register("fp32")
-def fp32(model: nn.Module, *, calib: TensorData | None = None, device: Any = "auto") -> Classifier:
-    """The FP32 PyTorch eager model (the reference every other precision is compared to)."""
-    return TorchClassifier(model, precision="fp32", device=device)
+COMPRESSIONS = CompressionRegistry()
 
 
-def compress(spec: str | dict[str, Any], model: nn.Module, *, calib: TensorData | None = None,
-             device: str | torch.device = "auto") -> Classifier:
-    """Deploy ``model`` as ``spec`` says (e.g. ``"fp32"``); ``calib`` is clean calibration data."""
-    name, params = split_spec(spec)
-    return COMPRESSIONS.build({"name": name, **params}, model=model, calib=calib, device=device)
+def _register() -> None:
+    from . import dynamic, half, lowbit, ort, prune, torch_int8
+
+    add = COMPRESSIONS.add
+    add("fp32", half.FP32Config, half.fp32)
+    add("fp16", half.HalfConfig, half.half, dtype="float16")
+    add("bf16", half.HalfConfig, half.half, dtype="bfloat16")
+    add("int8-dynamic", dynamic.DynamicConfig, dynamic.int8_dynamic)
+    add("int8-torch", torch_int8.TorchInt8Config, torch_int8.int8_torch)
+    add("fp32-ort", ort.OrtFP32Config, ort.fp32_ort)
+    add("int8-ort", ort.OrtInt8Config, ort.int8_ort)
+    add("int4-w", lowbit.Int4WeightConfig, lowbit.int4_w)
+    add("w4a8", lowbit.W4A8Config, lowbit.w4a8)
+    add("prune-l1", prune.PruneL1Config, prune.prune_l1)
+    add("prune-channel", prune.PruneChannelConfig, prune.prune_channel)
+    for pct in (30, 50, 70):
+        add(f"prune-l1-{pct}", prune.PruneL1Config, prune.prune_l1, sparsity=pct / 100)
+        add(f"prune-channel-{pct}", prune.PruneChannelConfig, prune.prune_channel, sparsity=pct / 100)
 
 
-__all__ = ["COMPRESSIONS", "compress"]
+_register()
+
+
+def validate_compression(spec: Any) -> None:
+    """Raise a one-line :class:`~backdoorlab.errors.BackdoorLabError` if ``spec`` is not a valid
+    (possibly chained) compression; does no work. Same as ``COMPRESSIONS.validate(spec)``."""
+    COMPRESSIONS.validate(spec)
+
+
+def compress(spec: Any, model: nn.Module, *, calib: TensorData | None = None,
+             device: str | torch.device = "auto", artifact: dict[str, Any] | None = None) -> Classifier:
+    """Deploy ``model`` (an ``ImageClassifier``, eval mode) as ``spec`` says.
+
+    ``calib``: the defender's clean holdout (uint8 NHWC or float NCHW ``TensorData``); calibrated
+    compressions use its first ``calib_size`` images. ``device``: where float modules and
+    surrogates run (``auto``: CUDA if present); int8 artifacts always run on CPU.
+    ``artifact``: what an earlier call returned as ``clf.artifact`` for the same spec, model and
+    calibration set; the last step then rebuilds from it instead of calibrating.
+    """
+    dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    stages = COMPRESSIONS.stages(spec)
+    current = model
+    infos = []
+    clf: Classifier | None = None
+    for i, (cfg, handler) in enumerate(stages):
+        last = i == len(stages) - 1
+        clf = handler(cfg, current, calib=calib, device=dev, artifact=artifact if last else None)
+        infos.append({"precision": cfg.tag(), **getattr(clf, "info", {})})
+        if not last:
+            current = clf.module  # type: ignore[attr-defined]  # chainable steps return TorchClassifier
+    assert clf is not None
+    if len(stages) > 1:
+        clf.precision = "+".join(cfg.tag() for cfg, _ in stages)
+        clf.info = {**clf.info, "steps": infos}
+        if clf.surrogate is not None:
+            clf.surrogate.precision = f"{clf.precision}/surrogate"
+    if clf.input_shape is None:
+        clf.input_shape = input_shape(calib)
+    return clf
+
+
+__all__ = ["COMPRESSIONS", "DEFAULT_CALIB_SIZE", "CompressionConfig", "compress", "parse_chain",
+           "validate_compression"]

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from backdoorlab.data import load_dataset
+from backdoorlab.errors import BackdoorLabError
+from backdoorlab.models import build_model
+from backdoorlab.train import Hook, TrainConfig, accuracy, fit
+from backdoorlab.train.augment import random_crop, random_hflip
+
+
+def _model(b):
+    torch.manual_seed(0)
+    return build_model("small-cnn", b.info.num_classes, b.info.channels, b.info.mean, b.info.std)
+
+
+def test_fit_learns_digits_and_is_deterministic():
+    b = load_dataset("digits")
+    cfg = TrainConfig(epochs=15, batch_size=128, lr=0.1)
+    m0 = _model(b)
+    before = {k: v.clone() for k, v in m0.state_dict().items()}
+    r1 = fit(m0, b.train, cfg, generator=torch.Generator().manual_seed(3), device="cpu", eval_data=b.test)
+    r2 = fit(m0, b.train, cfg, generator=torch.Generator().manual_seed(3), device="cpu")
+    for k, v in m0.state_dict().items():  # fit returns a new model, the input is unchanged
+        assert torch.equal(v, before[k])
+    for (k, v1), v2 in zip(r1.model.state_dict().items(), r2.model.state_dict().values()):
+        assert torch.equal(v1, v2), k
+    assert accuracy(r1.model, b.test, device="cpu") >= 0.9
+    assert len(r1.history) == 15 and r1.history[-1]["test_acc"] >= 0.9
+    assert r1.history[-1]["train_loss"] < r1.history[0]["train_loss"]
+    r3 = fit(m0, b.train, cfg, generator=torch.Generator().manual_seed(4), device="cpu")
+    assert not torch.equal(r3.model.head.weight, r1.model.head.weight)
+
+
+def test_hooks_are_called_in_order():
+    b = load_dataset("digits")
+    calls = []
+
+    class Spy(Hook):
+        def on_fit_start(self, state):
+            calls.append("start")
+
+        def batch(self, state, x, y):
+            calls.append("batch")
+            return x, torch.zeros_like(y)  # relabel everything: the model must learn class 0
+
+        def loss(self, state, x, y, logits, loss):
+            calls.append("loss")
+            return loss
+
+        def after_step(self, state):
+            calls.append("step")
+
+        def on_epoch_end(self, state, metrics):
+            metrics["spy"] = 1.0
+
+    r = fit(_model(b), b.train, TrainConfig(epochs=2, batch_size=512), generator=torch.Generator(),
+            hooks=[Spy()], device="cpu")
+    assert calls[:4] == ["start", "batch", "loss", "step"]
+    assert r.history[-1]["spy"] == 1.0
+    assert accuracy(r.model, b.test, device="cpu") < 0.2  # it learned the hook's labels
+
+
+def test_augmentations_are_seeded_and_shape_preserving():
+    x = torch.rand(16, 3, 32, 32)
+    a = random_crop(x, 4, torch.Generator().manual_seed(0))
+    b = random_crop(x, 4, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b)
+    f = random_hflip(x, torch.Generator().manual_seed(0), p=1.0)
+    assert torch.equal(f, x.flip(3))
+    assert torch.equal(random_crop(x, 0, torch.Generator()), x)
+
+
+def test_bad_train_settings():
+    b = load_dataset("digits")
+    with pytest.raises(BackdoorLabError, match="schedule"):
+        fit(_model(b), b.train, TrainConfig(schedule="step"), generator=torch.Generator())
+    with pytest.raises(BackdoorLabError, match="batch_size"):
+        fit(_model(b), b.train, TrainConfig(batch_size=0), generator=torch.Generator())
