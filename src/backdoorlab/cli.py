@@ -25,10 +25,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .bench.study import Study
     from .report.table import aggregate_table
 
-    study = Study.from_yaml(args.study)  # validated in full before anything is written
-    if args.data:
-        if not Path(args.data).is_dir():
-            raise BackdoorLabError(f"--data {args.data} is not a directory")
+    if args.data and not Path(args.data).is_dir():
+        raise BackdoorLabError(f"--data {args.data} is not a directory")
+    study = Study.from_yaml(args.study)
+    study.validate(args.data)  # names, values and data files, before anything is written
     store = ResultStore(_store_path(args.store))
     run_study(study, store, data_dir=args.data, device=args.device,
               progress=False if args.no_progress else None)

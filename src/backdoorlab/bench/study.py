@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import canonical_json, from_dict, stable_hash
-from ..data.datasets import DatasetConfig
+from ..data.datasets import DatasetConfig, locate
 from ..errors import BackdoorLabError, check
 from ..registry import split_spec
 from ..train.fit import TrainConfig
@@ -157,11 +157,12 @@ class Study:
             device=str(raw.get("device", "auto")),
             description=str(raw.get("description", "")),
         )
-        study.validate()
+        study.validate(check_data=False)  # data files are checked where data_dir is known
         return study
 
-    def validate(self) -> None:
-        """Build every named thing once (cheaply) so errors surface before any work."""
+    def validate(self, data_dir: str | os.PathLike | None = None, check_data: bool = True) -> None:
+        """Build every named thing once (cheaply) and find every dataset's files, so errors
+        surface before any work is done or anything is written."""
         from ..attacks import ATTACKS
         from ..compress import COMPRESSIONS
         from ..defenses import DEFENSES
@@ -177,6 +178,8 @@ class Study:
         for f in self.defenses:
             DEFENSES.validate(f)
         for d in self.datasets:
+            if check_data:
+                locate(d.name, data_dir)
             info = d.info()
             for a in self.attacks:
                 ATTACKS.build(a, info=info)  # checks target range, rate, patch fit, files

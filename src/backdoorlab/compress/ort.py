@@ -143,7 +143,7 @@ class OrtClassifier(Classifier):
 @contextlib.contextmanager
 def _quiet() -> Any:
     """The exporter prints progress to stdout and logs warnings; keep a library call silent."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -77,6 +77,15 @@ class PruneChannelConfig(CompressionConfig):
         return f"prune-channel-{round(100 * self.sparsity)}"
 
 
+def _contiguous(model: nn.Module) -> nn.Module:
+    """Weights in the default memory format (``torch.nn.utils.prune`` flattens with ``view``;
+    models trained in ``channels_last`` have non-contiguous conv weights)."""
+    for m in model.modules():
+        if isinstance(m, CONV + LINEAR):
+            m.weight.data = m.weight.data.contiguous()
+    return model
+
+
 def weight_sparsity(model: nn.Module, kinds: tuple[type, ...] = CONV + LINEAR) -> float:
     """Share of exactly-zero weights over all ``kinds`` layers' weights."""
     ws = [m.weight for m in model.modules() if isinstance(m, kinds)]
@@ -86,7 +95,7 @@ def weight_sparsity(model: nn.Module, kinds: tuple[type, ...] = CONV + LINEAR) -
 
 def prune_l1(cfg: PruneL1Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
              artifact: dict | None = None) -> Classifier:
-    pruned = copy.deepcopy(model).cpu().eval()
+    pruned = _contiguous(copy.deepcopy(model).cpu().eval())
     params = [(m, "weight") for m in pruned.modules() if isinstance(m, CONV + LINEAR)]
     if cfg.sparsity > 0:
         if cfg.scope == "global":
@@ -125,7 +134,7 @@ def _bn_after_conv(model: nn.Module) -> dict[nn.Module, nn.Module]:
 
 def prune_channel(cfg: PruneChannelConfig, model: nn.Module, *, calib: TensorData | None, device: torch.device,
                   artifact: dict | None = None) -> Classifier:
-    pruned = copy.deepcopy(model).cpu().eval()
+    pruned = _contiguous(copy.deepcopy(model).cpu().eval())
     bns = _bn_after_conv(pruned)
     for m in [m for m in pruned.modules() if isinstance(m, CONV)]:
         if cfg.sparsity == 0:

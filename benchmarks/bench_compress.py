@@ -1,0 +1,114 @@
+"""Deployment precisions (issue 3): latency at batch 1 and batch 256 and artifact size of every
+precision, for the default model and PreAct-ResNet18, each as a ratio against PyTorch eager FP32
+(``fp32``) and against ONNX Runtime FP32 (``fp32-ort``) measured in the same run.
+
+Weights are untrained (speed and size do not depend on their values) but every calibrated
+precision is calibrated properly, on ``--calib-size`` real GTSRB training images (resized to
+32x32) when the archive is found, else on seeded uniform noise (recorded in the JSON).
+Latency: ``Classifier.latency_ms`` (median of ``--repeats`` timed calls after warm-up), threads
+fixed by ``--threads`` for PyTorch and ONNX Runtime alike. The machine's load average is recorded
+before and after: on a shared 2-core machine, other processes distort multi-threaded timings.
+
+Usage: python benchmarks/bench_compress.py [--models small-cnn preact-resnet18] [--threads 2]
+       [--out benchmarks/results/compress.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from _common import table, write
+
+from backdoorlab.compress import compress
+from backdoorlab.data import TensorData
+from backdoorlab.models import build_model
+
+PRECISIONS = ["fp32", "fp16", "bf16", "int8-dynamic", "int8-torch", "fp32-ort", "int8-ort", "int4-w", "w4a8",
+              "prune-l1-50"]
+
+
+def calibration_set(n: int, seed: int) -> tuple[TensorData, str]:
+    from backdoorlab.data import load_dataset
+    from backdoorlab.errors import BackdoorLabError
+
+    try:
+        bundle = load_dataset({"name": "gtsrb", "train_limit": n})
+        return bundle.train, "gtsrb train (first images of a stratified subset)"
+    except BackdoorLabError:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+        return TensorData(x, torch.zeros(n, dtype=torch.long)), "uniform noise (GTSRB not found)"
+
+
+def measure(model_name: str, precisions: list[str], calib: TensorData, args) -> list[dict]:
+    torch.manual_seed(args.seed)
+    model = build_model(model_name, 43, 3, (0.34, 0.31, 0.32), (0.27, 0.26, 0.27)).eval()
+    rows = []
+    for p in precisions:
+        t0 = time.perf_counter()
+        clf = compress({"name": p, "calib_size": args.calib_size} if p in ("int8-torch", "int8-ort", "w4a8") else p,
+                       model, calib=calib, device="cpu")
+        build = time.perf_counter() - t0
+        x1 = calib.subset(torch.arange(1)).float()
+        xb = calib.subset(torch.arange(args.batch) % len(calib)).float()
+        b1 = clf.latency_ms(batch_size=1, repeats=args.repeats_b1, warmup=3, x=x1)
+        bb = clf.latency_ms(batch_size=args.batch, repeats=args.repeats_batch, warmup=1, x=xb)
+        rows.append({"model": model_name, "precision": clf.precision, "size_bytes": clf.size_bytes,
+                     "latency_ms_b1": b1, f"latency_ms_per_image_b{args.batch}": bb,
+                     f"latency_ms_b{args.batch}": bb * args.batch, "build_s": build,
+                     "int8_layers": clf.int8_layers, "load_avg": os.getloadavg()[0]})
+        print(f"  {model_name:16s} {clf.precision:14s} b1 {b1:8.2f} ms  b{args.batch} {bb * args.batch:9.1f} ms  "
+              f"size {clf.size_bytes / 1e6:6.2f} MB  (load {os.getloadavg()[0]:.1f})", flush=True)
+    by = {r["precision"]: r for r in rows}
+    for r in rows:
+        for ref in ("fp32", "fp32-ort"):
+            if ref in by:
+                r[f"speedup_b1_vs_{ref}"] = by[ref]["latency_ms_b1"] / r["latency_ms_b1"]
+                key = f"latency_ms_b{args.batch}"
+                r[f"speedup_b{args.batch}_vs_{ref}"] = by[ref][key] / r[key]
+                r[f"size_ratio_vs_{ref}"] = by[ref]["size_bytes"] / r["size_bytes"]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["small-cnn", "preact-resnet18"])
+    ap.add_argument("--precisions", nargs="+", default=PRECISIONS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeats-b1", type=int, default=30)
+    ap.add_argument("--repeats-batch", type=int, default=5)
+    ap.add_argument("--calib-size", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/compress.json)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    calib, calib_source = calibration_set(max(args.calib_size, args.batch), args.seed)
+    load_before = os.getloadavg()
+    rows = []
+    for name in args.models:
+        rows += measure(name, args.precisions, calib, args)
+    b = args.batch
+    payload = {"benchmark": "compress", "threads": args.threads, "batch": b, "calib_size": args.calib_size,
+               "calibration_source": calib_source, "repeats": {"b1": args.repeats_b1, f"b{b}": args.repeats_batch},
+               "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "results": rows}
+    path = write("compress", payload, args.out)
+    header = ["model", "precision", "int8 layers", "b1 ms", f"b{b} ms", "b1 x fp32", f"b{b} x fp32",
+              "b1 x fp32-ort", f"b{b} x fp32-ort", "size MB", "size / fp32"]
+    table_rows = [[r["model"], r["precision"], r["int8_layers"] or "-", round(r["latency_ms_b1"], 2),
+                   round(r[f"latency_ms_b{b}"], 1), round(r.get("speedup_b1_vs_fp32", float("nan")), 2),
+                   round(r.get(f"speedup_b{b}_vs_fp32", float("nan")), 2),
+                   round(r.get("speedup_b1_vs_fp32-ort", float("nan")), 2),
+                   round(r.get(f"speedup_b{b}_vs_fp32-ort", float("nan")), 2),
+                   round(r["size_bytes"] / 1e6, 2), round(1 / r.get("size_ratio_vs_fp32", float("nan")), 3)]
+                  for r in rows]
+    print(table(header, table_rows))
+    print(f"\n{args.threads} threads; 'x fp32' = speed-up over PyTorch eager FP32 (higher is faster); "
+          f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; results in {path}")
+
+
+if __name__ == "__main__":
+    main()
