@@ -67,7 +67,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from .data.fetch import fetch
 
     path = fetch(args.name, args.dest, base_url=args.mirror, progress=sys.stderr.isatty())
-    print(path)
+    print(path if path is not None else f"dataset {args.name!r} needs no download: it ships with its library")
     return 0
 
 

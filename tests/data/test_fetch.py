@@ -282,3 +282,24 @@ def test_incomplete_existing_target(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
     with pytest.raises(BackdoorLabError, match="not a complete cifar10 extraction"):
         fetch("cifar10", tmp_path, base_url="http://127.0.0.1:9/")
+
+
+def test_cli_fetch_digits_needs_nothing(capsys):
+    from backdoorlab.cli import main
+
+    assert main(["data", "fetch", "digits"]) == 0
+    assert "needs no download" in capsys.readouterr().out
+
+
+def test_cli_fetch_from_local_mirror(server, cifar, tmp_path, capsys):
+    """`backdoorlab data fetch cifar10 --mirror URL` end to end against the 127.0.0.1 server."""
+    from backdoorlab.cli import main
+
+    dest = tmp_path / "cli-data"
+    assert main(["data", "fetch", "cifar10", "--dest", str(dest), "--mirror", server.url]) == 0
+    assert capsys.readouterr().out.strip() == str(dest / "cifar-10-batches-py")
+    fetch_mod.CHECKSUMS[CIFAR] = ("sha256", "0" * 64)  # monkeypatched entry: restored after the test
+    assert main(["data", "fetch", "cifar10", "--dest", str(tmp_path / "other"), "--mirror", server.url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mismatch" in err
+    assert not (tmp_path / "other" / CIFAR).exists()
