@@ -19,12 +19,18 @@ import argparse
 import os
 import time
 
-import torch
-from _common import table, write
+# On a shared machine, OpenMP threads that spin while waiting lose whole scheduler slices to
+# other processes (a 2-thread batch-1 forward of the small CNN then takes ~0.4 s instead of
+# ~2 ms); passive waiting removes that artefact. Set before torch loads libgomp; override by
+# exporting OMP_WAIT_POLICY yourself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from backdoorlab.compress import compress
-from backdoorlab.data import TensorData
-from backdoorlab.models import build_model
+import torch  # noqa: E402
+from _common import table, write  # noqa: E402
+
+from backdoorlab.compress import compress  # noqa: E402
+from backdoorlab.data import TensorData  # noqa: E402
+from backdoorlab.models import build_model  # noqa: E402
 
 PRECISIONS = ["fp32", "fp16", "bf16", "int8-dynamic", "int8-torch", "fp32-ort", "int8-ort", "int4-w", "w4a8",
               "prune-l1-50"]
@@ -73,6 +79,21 @@ def measure(model_name: str, precisions: list[str], calib: TensorData, args) -> 
     return rows
 
 
+def markdown(rows: list[dict], b: int) -> str:
+    """The results as a markdown table (speed-ups: reference time / this time; higher is faster)."""
+
+    def x(r: dict, key: str) -> str:
+        return f"{r[key]:.2f}" if key in r else "n/a"
+
+    header = ["model", "precision", "int8 layers", "b1 ms", f"b{b} ms", "b1 vs fp32", f"b{b} vs fp32",
+              "b1 vs fp32-ort", f"b{b} vs fp32-ort", "size MB", "size vs fp32"]
+    body = [[r["model"], r["precision"], r["int8_layers"] or "none", f"{r['latency_ms_b1']:.2f}",
+             f"{r[f'latency_ms_b{b}']:.0f}", x(r, "speedup_b1_vs_fp32"), x(r, f"speedup_b{b}_vs_fp32"),
+             x(r, "speedup_b1_vs_fp32-ort"), x(r, f"speedup_b{b}_vs_fp32-ort"), f"{r['size_bytes'] / 1e6:.2f}",
+             f"1/{r['size_ratio_vs_fp32']:.2f}" if "size_ratio_vs_fp32" in r else "n/a"] for r in rows]
+    return table(header, body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["small-cnn", "preact-resnet18"])
@@ -84,7 +105,15 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/compress.json)")
+    ap.add_argument("--table", metavar="JSON", help="only print the markdown table of an earlier results JSON")
     args = ap.parse_args()
+    if args.table:
+        import json
+
+        with open(args.table) as fh:
+            done = json.load(fh)
+        print(markdown(done["results"], done["batch"]))
+        return
     torch.set_num_threads(args.threads)
     calib, calib_source = calibration_set(max(args.calib_size, args.batch), args.seed)
     load_before = os.getloadavg()
@@ -92,21 +121,14 @@ def main() -> None:
     for name in args.models:
         rows += measure(name, args.precisions, calib, args)
     b = args.batch
-    payload = {"benchmark": "compress", "threads": args.threads, "batch": b, "calib_size": args.calib_size,
+    payload = {"benchmark": "compress", "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+               "batch": b, "calib_size": args.calib_size,
                "calibration_source": calib_source, "repeats": {"b1": args.repeats_b1, f"b{b}": args.repeats_batch},
                "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "results": rows}
     path = write("compress", payload, args.out)
-    header = ["model", "precision", "int8 layers", "b1 ms", f"b{b} ms", "b1 x fp32", f"b{b} x fp32",
-              "b1 x fp32-ort", f"b{b} x fp32-ort", "size MB", "size / fp32"]
-    table_rows = [[r["model"], r["precision"], r["int8_layers"] or "-", round(r["latency_ms_b1"], 2),
-                   round(r[f"latency_ms_b{b}"], 1), round(r.get("speedup_b1_vs_fp32", float("nan")), 2),
-                   round(r.get(f"speedup_b{b}_vs_fp32", float("nan")), 2),
-                   round(r.get("speedup_b1_vs_fp32-ort", float("nan")), 2),
-                   round(r.get(f"speedup_b{b}_vs_fp32-ort", float("nan")), 2),
-                   round(r["size_bytes"] / 1e6, 2), round(1 / r.get("size_ratio_vs_fp32", float("nan")), 3)]
-                  for r in rows]
-    print(table(header, table_rows))
-    print(f"\n{args.threads} threads; 'x fp32' = speed-up over PyTorch eager FP32 (higher is faster); "
+    print(markdown(rows, b))
+    print(f"\n{args.threads} threads (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); "
+          f"'x fp32' = speed-up over PyTorch eager FP32 (higher is faster); "
           f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; results in {path}")
 
 

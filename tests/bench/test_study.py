@@ -57,3 +57,9 @@ def test_shipped_studies_validate():
 
     for path in sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml")):
         Study.from_yaml(path)
+
+
+def test_composed_compression_labels():
+    s = Study.from_dict({**BASE, "compress": [["prune-l1-50", "int8-torch"], "prune-l1-50+int8-torch"]})
+    labels = {c.labels["compression"] for c in s.cells()}
+    assert labels == {"prune-l1-50+int8-torch"}

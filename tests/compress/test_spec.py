@@ -111,3 +111,13 @@ def test_unexportable_model_is_one_line(tiny, spec, message):
     with pytest.raises(BackdoorLabError, match=message) as err:
         compress(spec, _DataDependent(tiny.model), calib=tiny.calib, device="cpu")
     assert "\n" not in str(err.value)
+
+
+def test_import_loads_neither_onnxruntime_nor_onnx():
+    import subprocess
+    import sys
+
+    code = ("import sys, backdoorlab.compress as c; c.COMPRESSIONS.validate('prune-l1-50+int8-ort'); "
+            "print(any(m.split('.')[0] in ('onnxruntime', 'onnx', 'onnxscript') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

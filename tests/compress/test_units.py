@@ -99,3 +99,12 @@ def test_latency_and_size_of_classifier(tiny):
     clf = compress("fp32", tiny.model, calib=tiny.calib, device="cpu")
     assert clf.size_bytes == state_dict_bytes(tiny.model)
     assert 0 < clf.latency_ms(batch_size=4, repeats=2, warmup=1)
+
+
+def test_pruning_a_channels_last_model(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny.model).to(memory_format=torch.channels_last)  # as fit() returns it
+    for spec in ("prune-l1-50", "prune-channel-50"):
+        clf = compress(spec, model, calib=tiny.calib, device="cpu")
+        assert abs(clf.info["sparsity"] - 0.5) <= 0.01

@@ -34,7 +34,9 @@ KEYS = {"name", "description", "datasets", "models", "attacks", "compress", "def
 
 
 def _label(spec: str | dict[str, Any]) -> str:
-    """Short human label of a spec: ``badnets`` or ``badnets(rate=0.05)``."""
+    """Short human label of a spec: ``badnets``, ``badnets(rate=0.05)``, ``prune-l1-50+int8-torch``."""
+    if isinstance(spec, list):
+        return "+".join(_label(s) for s in spec)
     name, params = split_spec(spec)
     if not params:
         return name

@@ -33,6 +33,7 @@ from ..data.tensordata import TensorData
 from ..utils import resolve_device
 from .base import DEFAULT_CALIB_SIZE, CompressionConfig, CompressionRegistry, parse_chain
 from .calib import input_shape
+from .layers import count_layers, describe_int8
 
 COMPRESSIONS = CompressionRegistry()
 
@@ -95,6 +96,8 @@ def compress(spec: Any, model: nn.Module, *, calib: TensorData | None = None,
             clf.surrogate.precision = f"{clf.precision}/surrogate"
     if clf.input_shape is None:
         clf.input_shape = input_shape(calib)
+    if not clf.int8_layers:  # say "none" explicitly: conv:0/N, linear:0/M
+        clf.int8_layers = describe_int8({}, count_layers(model))
     return clf
 
 

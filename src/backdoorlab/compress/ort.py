@@ -206,11 +206,11 @@ def _count_int8(model_bytes: bytes) -> dict[str, int]:
     return out
 
 
-def _export_checked(model: nn.Module, calib: TensorData | None, opset: int, who: str) -> tuple[bytes, torch.Tensor]:
-    x = calibration_images(calib, 64, who)
+def _export_checked(model: nn.Module, x: torch.Tensor, opset: int) -> bytes:
+    """Export, then check the ONNX logits against PyTorch's on (up to 64 of) the images ``x``."""
     data = export_onnx(model, x, opset)
     check_export(data, model, x[:64])
-    return data, x
+    return data
 
 
 def fp32_ort(cfg: OrtFP32Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
@@ -218,8 +218,8 @@ def fp32_ort(cfg: OrtFP32Config, model: nn.Module, *, calib: TensorData | None, 
     if artifact is not None:
         data, shape = artifact["onnx"].numpy().tobytes(), tuple(artifact["input_shape"])
     else:
-        data, x = _export_checked(model, calib, cfg.opset, "fp32-ort")
-        shape = tuple(x.shape[1:])
+        x = calibration_images(calib, 64, "fp32-ort")
+        data, shape = _export_checked(model, x, cfg.opset), tuple(x.shape[1:])
     clf = OrtClassifier(data, cfg.tag(), cfg.threads)
     clf.input_shape = shape
     clf.int8_layers = describe_int8({}, count_layers(model))
@@ -272,9 +272,7 @@ def int8_ort(cfg: OrtInt8Config, model: nn.Module, *, calib: TensorData | None, 
         data, shape = artifact["onnx"].numpy().tobytes(), tuple(artifact["input_shape"])
     else:
         x = calibration_images(calib, cfg.calib_size, "int8-ort")
-        fp32_bytes = export_onnx(model, x, cfg.opset)
-        check_export(fp32_bytes, model, x[:64])
-        data = quantize_ort(fp32_bytes, x, cfg)
+        data = quantize_ort(_export_checked(model, x, cfg.opset), x, cfg)
         shape = tuple(x.shape[1:])
     clf = OrtClassifier(data, cfg.tag(), cfg.threads)
     clf.input_shape = shape

@@ -21,6 +21,7 @@ returns (here ``(logits, features)``).
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any
 
@@ -80,11 +81,9 @@ def _out_fq(qm: nn.Module) -> FakeQuant:
 
 def _quantized_module(qm: nn.Module) -> nn.Module | None:
     """Float fake-quant replacement of a quantized module, or ``None`` if ``qm`` is not one."""
-    from torch.ao.nn import intrinsic as nni
     from torch.ao.nn import quantized as nnq
     from torch.ao.nn.intrinsic import quantized as nniq
 
-    del nni
     if isinstance(qm, (nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d)):
         return nn.Sequential(_float_conv(qm), nn.ReLU(), _out_fq(qm))
     if isinstance(qm, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)):
@@ -175,7 +174,7 @@ def fx_surrogate(q: fx.GraphModule) -> fx.GraphModule:
                 env[node] = add_module(rep, env[first])
                 qp[node] = (float(m.scale), int(m.zero_point)) if hasattr(m, "scale") else qp.get(first)
             else:
-                y = add_module(_copy_module(m), env[first])
+                y = add_module(copy.deepcopy(m), env[first])
                 qin = qp.get(first)
                 if qin is not None and isinstance(m, _REROUND_MODULES):
                     y = add_module(FakeQuant(qin[0], qin[1], 0, 255), y)  # quantized avg-pool re-rounds
@@ -190,13 +189,9 @@ def fx_surrogate(q: fx.GraphModule) -> fx.GraphModule:
         else:  # pragma: no cover - fx has no other node kinds
             raise BackdoorLabError(f"unexpected fx node {node.op}")
     gm = fx.GraphModule(root, graph)
+    gm.graph.eliminate_dead_code()  # the qparam get_attr nodes are read at build time only
+    gm.recompile()
     return gm.eval()
-
-
-def _copy_module(m: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(m)
 
 
 # --------------------------------------------------------------------------------- ONNX artifacts
