@@ -23,15 +23,16 @@ def test_quickstart_runs_without_data_dir(tmp_path):
     env = {"BACKDOORLAB_HOME": str(tmp_path / "home"), "BACKDOORLAB_DATA": str(tmp_path / "no-data")}
     out = run_cli("run", "studies/quickstart.yaml", "--no-progress", env=env)
     assert out.returncode == 0, out.stderr
-    lines = {ln.split()[2]: ln.split() for ln in out.stdout.splitlines()[2:]}
+    lines = {tuple(ln.split()[2:4]): ln.split() for ln in out.stdout.splitlines()[2:]}
     header = out.stdout.splitlines()[0].split()
     ca, asr = header.index("CA"), header.index("ASR")
-    assert set(lines) == {"none", "badnets", "blended"}
-    for attack, cols in lines.items():
+    assert set(lines) == {(a, c) for a in ("none", "badnets", "blended") for c in ("fp32", "int8-torch")}
+    for (attack, _), cols in lines.items():
         assert float(cols[ca]) >= 0.9
         assert (float(cols[asr]) >= 0.9) if attack != "none" else (float(cols[asr]) <= 0.1)
+        assert cols[-2:] == (["conv:6/6,", "linear:1/1"] if _ == "int8-torch" else ["conv:0/6,", "linear:0/1"])
     again = run_cli("run", "studies/quickstart.yaml", "--no-progress", env=env)
-    assert "3 already done, 0 to run" in again.stderr
+    assert "6 already done, 0 to run" in again.stderr
     res = run_cli("results", env=env)
     assert res.returncode == 0 and res.stdout.count("quickstart") == 0 and "badnets" in res.stdout
     exp = run_cli("export", "--out", str(tmp_path / "res"), env=env)

@@ -71,6 +71,7 @@ class Pipeline:
         self.progress = progress
         self._data: dict[str, DataBundle] = {}
         self._models: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+        self._compressed: dict[str, Classifier] = {}
 
     # -------------------------------------------------------------- stages
     def data(self, cfg: DatasetConfig) -> DataBundle:
@@ -134,9 +135,8 @@ class Pipeline:
         from ..compress import compress
 
         key = ArtifactCache.key("compress", {"spec": cell.compression, "v": 1}, f"{train_key}/{poisoned.key}")
-        memo = getattr(self, "_compressed", {})
-        if key in memo:
-            return memo[key], key
+        if key in self._compressed:
+            return self._compressed[key], key
         rec = self.cache.get("compress", key)
         clf = compress(cell.compression, model, calib=poisoned.holdout, device=self.device, artifact=rec)
         if rec is None and clf.artifact is not None:

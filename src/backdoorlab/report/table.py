@@ -31,12 +31,13 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def results_table(rows: Sequence[Row]) -> str:
     """One line per cell: the axes, seed, status, CA / ASR / RA and wall time."""
-    header = [*AXES, "seed", "status", "CA", "ASR", "RA", "wall_s"]
+    header = [*AXES, "seed", "status", "CA", "ASR", "RA", "int8 layers", "wall_s"]
     body = []
     for r in rows:
         status = r.status if r.status != "error" else f"error: {(r.error or '')[:60]}"
         body.append([r.dataset, r.model, r.attack, r.compression, r.defense, str(r.seed), status,
-                     *(_fmt(r.metrics.get(m)) for m in METRICS), _fmt(r.wall_time)])
+                     *(_fmt(r.metrics.get(m)) for m in METRICS), _fmt(r.metrics.get("int8_layers")),
+                     _fmt(r.wall_time)])
     return render(header, body)
 
 
@@ -46,7 +47,7 @@ def aggregate_table(rows: Sequence[Row]) -> str:
     for r in rows:
         if r.status == "ok":
             groups[tuple(getattr(r, a) for a in AXES)].append(r)
-    header = [*AXES, "seeds", "CA", "ASR", "RA"]
+    header = [*AXES, "seeds", "CA", "ASR", "RA", "int8 layers"]
     body = []
     for key, rs in sorted(groups.items()):
         cells = []
@@ -58,5 +59,5 @@ def aggregate_table(rows: Sequence[Row]) -> str:
                 cells.append(f"{vals[0]:.4f}")
             else:
                 cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
-        body.append([*key, str(len(rs)), *cells])
+        body.append([*key, str(len(rs)), *cells, _fmt(rs[0].metrics.get("int8_layers"))])
     return render(header, body)
