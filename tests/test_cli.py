@@ -81,3 +81,19 @@ def test_unknown_names_in_other_commands(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     assert main(["list", "attacks"]) == 0
     assert "badnets" in capsys.readouterr().out
+
+
+def test_unwritable_export_is_one_line(tmp_path, monkeypatch, capsys):
+    from _helpers import sample_row
+
+    from backdoorlab.bench.store import ResultStore
+
+    store = tmp_path / "s.sqlite"
+    ResultStore(store).put(sample_row())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", "--store", str(store), "--out", str(blocker / "sub" / "res")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("backdoorlab: error: ") and "Traceback" not in err
+    assert main(["results", "--store", str(tmp_path)]) == 2  # a directory, not a store
+    assert capsys.readouterr().err.count("\n") == 1

@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     except BackdoorLabError as exc:
         print(f"backdoorlab: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable --out, a directory given as --store, a full disk ...
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"backdoorlab: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("backdoorlab: interrupted", file=sys.stderr)
         return 130

@@ -72,6 +72,7 @@ class Pipeline:
         self._data: dict[str, DataBundle] = {}
         self._models: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
         self._compressed: dict[str, Classifier] = {}
+        self._poisoned: dict[str, Poisoned] = {}
 
     # -------------------------------------------------------------- stages
     def data(self, cfg: DatasetConfig) -> DataBundle:
@@ -86,6 +87,8 @@ class Pipeline:
         cfg = {"dataset": to_dict(cell.dataset), "attack": cell.attack, "seed": cell.seed,
                "holdout": cell.holdout, "v": POISON_VERSION}
         key = ArtifactCache.key("poison", cfg)
+        if key in self._poisoned:  # every compression x defense cell of a model shares it
+            return self._poisoned[key]
         n = len(bundle.train)
         rec = self.cache.get("poison", key)
         train_idx, hold_idx = defender_split(n, cell.holdout, generator(cell.seed, "holdout"))
@@ -97,7 +100,8 @@ class Pipeline:
         elif not torch.equal(rec["poison_idx"], split.poison_idx):
             raise BackdoorLabError(f"poison artifact {key} disagrees with a recomputation; "
                                    f"delete {self.cache.path('poison', key)} and rerun")
-        return Poisoned(split, bundle.train.subset(hold_idx), train_idx, key)
+        self._poisoned = {key: Poisoned(split, bundle.train.subset(hold_idx), train_idx, key)}
+        return self._poisoned[key]
 
     def train(self, cell: Cell, poisoned: Poisoned, attack: Attack) -> tuple[nn.Module, dict[str, Any]]:
         info = self.data(cell.dataset).info

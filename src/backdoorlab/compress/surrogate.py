@@ -49,22 +49,22 @@ def _float_conv(qm: nn.Module) -> nn.Module:
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[w.ndim - 2]
     conv = cls(qm.in_channels, qm.out_channels, qm.kernel_size, qm.stride, qm.padding, qm.dilation,
                qm.groups, bias=b is not None, padding_mode=qm.padding_mode)
-    with torch.no_grad():
-        conv.weight.copy_(w)
-        if b is not None:
-            conv.bias.copy_(b)
-    return conv
+    return _with_params(conv, w, b)
 
 
 def _float_linear(qm: nn.Module) -> nn.Module:
     w = qm.weight().dequantize()
     b = qm.bias()
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    return _with_params(nn.Linear(w.shape[1], w.shape[0], bias=b is not None), w, b)
+
+
+def _with_params(layer: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    """Copy the artifact's dequantized weight (and bias) into a float ``layer``."""
     with torch.no_grad():
-        lin.weight.copy_(w)
+        layer.weight.copy_(w)
         if b is not None:
-            lin.bias.copy_(b)
-    return lin
+            layer.bias.copy_(b)
+    return layer
 
 
 def _float_bn(qm: nn.Module) -> nn.Module:
