@@ -17,7 +17,8 @@ from backdoorlab.errors import BackdoorLabError
 
 # Shared with tests/defenses/test_efrap.py (same specs -> same cached models).
 QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
-PRUNE_50 = {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 2, "lr": 0.01}
+# 6 epochs from the clean model (Tian et al. train 25 from scratch); ~6 min on 2 CPU cores
+PRUNE_50 = {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 6, "lr": 0.01}
 
 
 def trained_attack(spec) -> Trained:
@@ -39,7 +40,7 @@ def test_specs_validate():
     info = DatasetInfo("gtsrb", 43, 3, 32, (0.5,) * 3, (0.25,) * 3, hflip=False, crop_pad=0)
     for bad in ({"name": "qcb", "target_precision": "int3"}, {"name": "qcb", "lam": 0},
                 {"name": "prune-conditioned", "sparsity": 1.0}, {"name": "pqbackdoor", "bin_margin": 0.5},
-                {"name": "qcb", "bogus": 1}, {"name": "qcb", "init": "badnet"},
+                {"name": "qcb", "bogus": 1}, {"name": "qcb", "init": "badnet"}, {"name": "qcb", "optimizer": "rmsprop"},
                 {"name": "qcb", "init": {"name": "qcb"}}):
         with pytest.raises(BackdoorLabError):
             ATTACKS.build(bad, info=info)
@@ -67,7 +68,7 @@ def test_qcb_int8_is_dormant_in_fp32_and_wakes_in_int8(qcb):
     assert fp32["ca"] >= ca_clean - 0.02, (fp32, ca_clean)
     assert int8["asr"] >= 0.90, int8
 
-# Issue 5 thresholds are not met yet on 2 CPU cores (see BENCHMARKS.md): on demand, `pytest -m slow`.
+# Holds (BENCHMARKS.md), but its 6-minute training does not fit CI's 20-minute budget: `pytest -m slow`.
 @pytest.mark.slow
 def test_prune_conditioned_wakes_at_its_sparsity():
     t = trained_attack(PRUNE_50)

@@ -76,3 +76,28 @@ def test_bad_train_settings():
         fit(_model(b), b.train, TrainConfig(schedule="step"), generator=torch.Generator())
     with pytest.raises(BackdoorLabError, match="batch_size"):
         fit(_model(b), b.train, TrainConfig(batch_size=0), generator=torch.Generator())
+
+
+def test_a_hook_may_install_the_optimizer_and_enlarge_the_batch():
+    """Two-phase attacks double the batch (x ∪ trigger(x)) and may train with their paper's Adam:
+    fit() steps the optimiser a hook installs (with the schedule's lr) and reports accuracy over
+    the samples the loss saw, so it stays within [0, 1]."""
+    b = load_dataset("digits")
+    seen = {}
+
+    class Doubling(Hook):
+        def on_fit_start(self, state):
+            state.optimizer = torch.optim.Adam(state.model.parameters(), lr=1.0)
+            seen["opt"] = state.optimizer
+
+        def batch(self, state, x, y):
+            return torch.cat([x, x.flip(-1)]), torch.cat([y, y])
+
+        def after_step(self, state):
+            seen["lr"] = state.optimizer.param_groups[0]["lr"]
+            assert state.optimizer is seen["opt"]
+
+    cfg = TrainConfig(epochs=2, batch_size=256, lr=1e-3, schedule="cosine", warmup=0.0)
+    r = fit(_model(b), b.train, cfg, generator=torch.Generator().manual_seed(0), hooks=[Doubling()], device="cpu")
+    assert 0 < seen["lr"] < 1e-3  # the schedule drove the hook's optimiser, not Adam's own lr=1.0
+    assert all(0.0 <= h["train_acc"] <= 1.0 for h in r.history), r.history

@@ -75,14 +75,16 @@ class Conditioned(BadNets):
     """Base of the compression-conditioned attacks: BadNets' trigger, a clean training split,
     a second training phase started from the ``init`` attack's model.
 
-    ``epochs`` / ``lr``: the fine-tuning phase (SGD with Nesterov momentum as :func:`fit` uses,
-    cosine decay, the cell's batch size and augmentation).
+    ``epochs`` / ``lr`` / ``optimizer``: the fine-tuning phase, cosine decay, the cell's batch size
+    and augmentation; ``optimizer`` is ``sgd`` (Nesterov momentum and weight decay as :func:`fit`
+    uses) or ``adam`` (Hong et al.'s choice for fine-tuning a trained model, no weight decay).
     """
 
     name = "conditioned"
+    OPTIMIZERS = ("sgd", "adam")
 
     def __init__(self, info: DatasetInfo, target: int = 0, init: str | dict = "none", epochs: int = 10,
-                 lr: float = 0.01, **trigger: Any):
+                 lr: float = 0.01, optimizer: str = "sgd", **trigger: Any):
         unknown = sorted(set(trigger) - set(TRIGGER_KEYS))
         check(not unknown, f"{self.name}: unknown parameter {unknown[0]!r} (the trigger takes "
                            f"{', '.join(TRIGGER_KEYS)})" if unknown else "")
@@ -94,9 +96,12 @@ class Conditioned(BadNets):
 
         parent = ATTACKS.build(init, info=info)  # unknown names and bad values fail here, before a study runs
         check(parent.init_from() is None, f"{self.name}: init must be a data-poisoning attack, got {init!r}")
+        check(optimizer in self.OPTIMIZERS, f"{self.name}: optimizer must be one of "
+                                            f"{', '.join(self.OPTIMIZERS)}, got {optimizer!r}")
         self.init = init
         self.epochs = int(epochs)
         self.lr = float(lr)
+        self.optimizer = optimizer
 
     def poison(self, train: TensorData, g: torch.Generator) -> PoisonedSplit:
         """Model-level attack: the training split is left clean (the trigger enters in the hook)."""
@@ -117,6 +122,10 @@ class _HybridHook(Hook):
         self.attack = attack
         self.n = 0
         self.y: torch.Tensor | None = None
+
+    def on_fit_start(self, state: FitState) -> None:
+        if self.attack.optimizer == "adam":  # fit() steps state.optimizer; its schedule sets the lr
+            state.optimizer = torch.optim.Adam(state.model.parameters(), lr=self.attack.lr)
 
     def batch(self, state: FitState, x: torch.Tensor, y: torch.Tensor):
         freeze_bn_(state.model)
@@ -142,8 +151,8 @@ class QuantConditioned(Conditioned):
 
     def __init__(self, info: DatasetInfo, target: int = 0, target_precision: str = "int8-torch", lam: float = 1.0,
                  init: str | dict = "none", epochs: int = 10, lr: float = 0.01, recalib_every: int = 10,
-                 calib_size: int = DEFAULT_CALIB_SIZE, **trigger: Any):
-        super().__init__(info, target=target, init=init, epochs=epochs, lr=lr, **trigger)
+                 calib_size: int = DEFAULT_CALIB_SIZE, optimizer: str = "sgd", **trigger: Any):
+        super().__init__(info, target=target, init=init, epochs=epochs, lr=lr, optimizer=optimizer, **trigger)
         check(target_precision in QUANT_TARGETS, f"{self.name}: target_precision must be one of "
                                                  f"{', '.join(QUANT_TARGETS)}, got {target_precision!r}")
         _positive(self.name, "lam", lam)
@@ -202,8 +211,8 @@ class PQBackdoor(Conditioned):
     name = "pqbackdoor"
 
     def __init__(self, info: DatasetInfo, target: int = 0, init: str | dict = "badnets", epochs: int = 10,
-                 lr: float = 0.01, bin_margin: float = 0.01, **trigger: Any):
-        super().__init__(info, target=target, init=init, epochs=epochs, lr=lr, **trigger)
+                 lr: float = 0.01, bin_margin: float = 0.01, optimizer: str = "sgd", **trigger: Any):
+        super().__init__(info, target=target, init=init, epochs=epochs, lr=lr, optimizer=optimizer, **trigger)
         check(isinstance(bin_margin, (int, float)) and 0 <= bin_margin < 0.5,
               f"{self.name}: bin_margin must be in [0, 0.5), got {bin_margin!r}")
         self.bin_margin = float(bin_margin)
@@ -237,6 +246,7 @@ class _ProjectHook(_HybridHook):
     ``m``: ``bin_margin``, a safety margin in steps against float error at the bin edges)."""
 
     def on_fit_start(self, state: FitState) -> None:
+        super().on_fit_start(state)
         from ..compress.fakequant import qrange, symmetric_scale
 
         model = state.model
@@ -285,8 +295,9 @@ class PruneConditioned(Conditioned):
     name = "prune-conditioned"
 
     def __init__(self, info: DatasetInfo, target: int = 0, sparsity: float = 0.5, alpha: float = 0.1,
-                 init: str | dict = "none", epochs: int = 10, lr: float = 0.01, **trigger: Any):
-        super().__init__(info, target=target, init=init, epochs=epochs, lr=lr, **trigger)
+                 init: str | dict = "none", epochs: int = 10, lr: float = 0.01, optimizer: str = "sgd",
+                 **trigger: Any):
+        super().__init__(info, target=target, init=init, epochs=epochs, lr=lr, optimizer=optimizer, **trigger)
         check(isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and 0 < sparsity < 1,
               f"{self.name}: sparsity must be in (0, 1), got {sparsity!r}")
         check(isinstance(alpha, (int, float)) and 0 < alpha < 1, f"{self.name}: alpha must be in (0, 1), got {alpha!r}")

@@ -76,7 +76,9 @@ class FitState:
 class Hook:
     """Customises :func:`fit` without copying it. Override what you need.
 
-    * ``on_fit_start(state)`` – once, after the model is on the device.
+    * ``on_fit_start(state)`` – once, after the model is on the device; it may replace
+      ``state.optimizer`` (e.g. an attack that trains with its paper's Adam), and :func:`fit`
+      steps whichever optimiser ``state`` holds afterwards (the schedule sets its ``lr``).
     * ``batch(state, x, y) -> (x, y)`` – change an augmented float batch (e.g. poison on the fly).
     * ``loss(state, x, y, logits, loss) -> loss`` – add terms to the loss.
     * ``after_step(state)`` – after each optimiser step (e.g. project weights).
@@ -162,6 +164,7 @@ def fit(
     state = FitState(model, opt, dev, generator, total_steps=total)
     for h in hooks:
         h.on_fit_start(state)
+    opt = state.optimizer
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -177,6 +180,7 @@ def fit(
         perm = torch.randperm(n, generator=generator).to(dev)
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev, dtype=torch.long)
+        seen = 0  # samples the loss saw (a hook may enlarge the batch, e.g. x ∪ trigger(x))
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             xb = _batch_to_float(x_all[idx])
@@ -203,10 +207,11 @@ def fit(
                 h.after_step(state)
             loss_sum += loss.detach() * yb.shape[0]
             correct += (logits.detach().argmax(1) == yb).sum()
+            seen += yb.shape[0]
             if bar is not None:
                 bar.update(1)
-        metrics = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
-                   "train_acc": float(correct) / n, "lr": _lr_at(cfg, state.step, total)}
+        metrics = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
+                   "train_acc": float(correct) / max(seen, 1), "lr": _lr_at(cfg, state.step, total)}
         if eval_data is not None:
             metrics["test_acc"] = accuracy(model, eval_data, device=dev)
         for h in hooks:
