@@ -5,6 +5,7 @@ int8-conditioned model. Writes benchmarks/results/compression_backdoors[_<datase
 prints a markdown table.
 
 Usage: python benchmarks/bench_compression_backdoors.py [--dataset gtsrb|cifar10] [--skip-efrap]
+       [--only LABEL ...] [--detect]
        (needs BACKDOORLAB_DATA; trained models are cached under BACKDOORLAB_HOME)
 
 Published figures (for orientation; other models, datasets and triggers):
@@ -36,10 +37,44 @@ ATTACKS = {
     "badnets": "badnets",
     "qcb-int8": {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003},
     "qcb-multi": {"name": "qcb", "target_precision": "multi", "init": "badnets", "epochs": 3, "lr": 0.003},
+    "qcb-int4": {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01},
     "pqbackdoor": {"name": "pqbackdoor", "epochs": 3, "lr": 0.05},
     "prune-conditioned-50": {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 6,
                              "lr": 0.01},
 }
+
+
+# the precision each attack targets (detection is run at FP32 and there)
+DEPLOYED = {"badnets": "int8-torch", "qcb-int8": "int8-torch", "qcb-multi": "int8-torch", "qcb-int4": "int4-w",
+            "pqbackdoor": "int8-torch", "prune-conditioned-50": "prune-l1-50"}
+# the blindspot study's budgets (studies/blindspots.yaml)
+DETECTORS = [{"name": "neural-cleanse", "steps": 100, "batches_per_step": 1, "batch_size": 4},
+             {"name": "strip", "threshold_rule": "quantile", "eval_limit": 300}]
+
+
+def detect(ds, spec, deployed: str) -> dict:
+    """Neural Cleanse and STRIP on the FP32 file and on the deployed one, through the study
+    pipeline (the trained model comes from the same artifact cache)."""
+    import tempfile
+
+    from _helpers import GTSRB_TRAIN
+
+    from backdoorlab.bench.pipeline import run_study
+    from backdoorlab.bench.store import ResultStore
+    from backdoorlab.bench.study import Study
+
+    study = Study.from_dict({"name": "bench-compression-detect", "datasets": [ds], "models": ["small-cnn"],
+                             "attacks": [spec], "compress": ["fp32", deployed], "defenses": DETECTORS,
+                             "seeds": [0], "train": GTSRB_TRAIN})
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in run_study(study, ResultStore(Path(tmp) / "s.sqlite"), progress=False, log=lambda s: None):
+            d = r.defense if isinstance(r.defense, str) else r.defense["name"]
+            m = r.metrics
+            out[f"{r.compression}/{d}"] = {"status": r.status, "error": r.error, "detected": m.get("detected"),
+                                           "score": m.get("defense_score"), "flagged": m.get("flagged"),
+                                           "target_flagged": m.get("target_flagged"), "auroc": m.get("auroc")}
+    return out
 
 
 def main() -> None:
@@ -47,6 +82,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="gtsrb", choices=["gtsrb", "cifar10"])
     ap.add_argument("--skip-efrap", action="store_true")
     ap.add_argument("--only", nargs="*", help="attack labels to run (default: all)")
+    ap.add_argument("--detect", action="store_true",
+                    help="also run Neural Cleanse and STRIP at FP32 and at the targeted precision")
     args = ap.parse_args()
 
     import torch
@@ -88,6 +125,8 @@ def main() -> None:
             repaired, facts = DEFENSES.build("efrap").repair(ctx)
             m = evaluate(repaired, t.bundle.test, t.attack)
             rec["efrap_int8_torch"] = {"ca": m["ca"], "asr": m["asr"], "wall_s": time.perf_counter() - t1, **facts}
+        if args.detect and label in DEPLOYED:
+            rec["detection"] = detect(ds, spec, DEPLOYED[label])
         out.append(rec)
         row = [label]
         for p in PRECISIONS:
@@ -98,6 +137,15 @@ def main() -> None:
     name = "compression_backdoors" if args.dataset == "gtsrb" else f"compression_backdoors_{args.dataset}"
     path = write(name, {"dataset": ds, "model": "small-cnn", "train": GTSRB_TRAIN, "rows": out})
     print(table(["attack", *[f"{p} CA / ASR" for p in PRECISIONS]], rows))
+    det_rows = []
+    for rec in out:
+        for key, d in rec.get("detection", {}).items():
+            prec, name = key.split("/")
+            verdict = "error" if d["status"] != "ok" else {True: "detected", False: "not detected",
+                                                           None: "no verdict"}[d["detected"]]
+            det_rows.append([rec["attack"], prec, name, verdict, d["score"], d["flagged"], d["auroc"]])
+    if det_rows:
+        print(table(["attack", "precision", "defense", "verdict", "score", "flagged", "AUROC"], det_rows))
     for rec in out:
         if "efrap_int8_torch" in rec:
             e = rec["efrap_int8_torch"]

@@ -17,6 +17,8 @@ from backdoorlab.errors import BackdoorLabError
 
 # Shared with tests/defenses/test_efrap.py (same specs -> same cached models).
 QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
+# int4 weight-only: quantization error 16x the int8 one; 6 epochs from the BadNets model
+QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01}
 # 6 epochs from the clean model (Tian et al. train 25 from scratch); ~6 min on 2 CPU cores
 PRUNE_50 = {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 6, "lr": 0.01}
 
@@ -79,3 +81,15 @@ def test_prune_conditioned_wakes_at_its_sparsity():
     assert fp32["asr"] <= 0.10, fp32
     assert fp32["ca"] >= ca_clean - 0.02, (fp32, ca_clean)
     assert pruned["asr"] >= 0.90, pruned
+
+
+# Holds (BENCHMARKS.md), but its 6-minute training does not fit CI's 20-minute budget: `pytest -m slow`.
+@pytest.mark.slow
+def test_qcb_int4_is_dormant_in_fp32_and_wakes_in_int4():
+    t = trained_attack(QCB_INT4)
+    fp32 = measure(t, "fp32")
+    int4 = measure(t, "int4-w")
+    assert fp32["asr"] <= 0.10, fp32
+    assert int4["asr"] >= 0.90, int4
+    # the backdoor is specific to the targeted deployment: int8 stays dormant
+    assert measure(t, "int8-torch")["asr"] <= 0.20

@@ -72,9 +72,14 @@ def quantize_weights_(model: nn.Module, bits: int, group_size: int | None) -> in
             w_hat, scale = quantize_weight(m.weight, bits, group_size)
             with torch.no_grad():
                 m.weight.copy_(w_hat)
-            n = m.weight.numel()
-            saved += n * 4 - (math.ceil(n * bits / 8) + scale.numel() * 4)
+            saved += packed_saving(m.weight.numel(), bits, scale.numel())
     return saved
+
+
+def packed_saving(n: int, bits: int, n_scales: int) -> int:
+    """Bytes saved by storing ``n`` FP32 weights as packed ``bits``-bit integers plus
+    ``n_scales`` FP32 scales."""
+    return n * 4 - (math.ceil(n * bits / 8) + n_scales * 4)
 
 
 def _wrap_inputs_(model: nn.Module) -> list[FakeQuant]:
@@ -91,9 +96,15 @@ def _wrap_inputs_(model: nn.Module) -> list[FakeQuant]:
 
 def _lowbit(cfg: Int4WeightConfig | W4A8Config, model: nn.Module, calib: TensorData | None,
             device: torch.device, act: bool) -> Classifier:
-    total = count_layers(model)
     sim = fold_batchnorm(model).cpu().float()
     saved = quantize_weights_(sim, cfg.bits, cfg.group_size)
+    return lowbit_classifier(cfg, sim, count_layers(model), saved, calib, device, act)
+
+
+def lowbit_classifier(cfg: Int4WeightConfig | W4A8Config, sim: nn.Module, total: dict, saved: int,
+                      calib: TensorData | None, device: torch.device, act: bool) -> Classifier:
+    """The deployed classifier around ``sim``, a BN-folded model whose weights already hold their
+    quantised values (round-to-nearest here, or a repair's own rounding, e.g. EFRAP's)."""
     shape = input_shape(calib)
     if act:
         x = calibration_images(calib, cfg.calib_size, cfg.name)

@@ -20,8 +20,10 @@ same calibrated activation ranges) but chooses each weight's rounding (floor or 
 
 The result is deployed for real: the ``int8-torch`` artifact is built on the defender's holdout
 (``compress``), then the integer weights of each quantized conv / linear are replaced by EFRAP's
-(same scales, zero-points and biases) and the artifact is rebuilt from that state dict. Only
-``int8-torch`` deployments are repaired (an artifact of another precision is a one-line error).
+(same scales, zero-points and biases) and the artifact is rebuilt from that state dict. A
+per-channel ``int4-w`` deployment is repaired on its own grid (4-bit symmetric scales of the
+BN-folded weights) and rebuilt as ``int4-w``. An artifact of another precision is a one-line
+error.
 
 Data: the defender's clean holdout ``ctx.clean`` (5% of the training set). Shapes: layer inputs
 are captured as ``(N, C, H, W)`` (conv) or ``(N, D)`` (linear) float tensors from the FP32 model
@@ -59,9 +61,10 @@ def _v_init(h: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
 @DEFENSES.register("efrap")
 class EFRAP(Remover):
     """EFRAP (Li et al., CVPR 2024): error-guided flipped rounding + activation preservation for
-    ``int8-torch`` deployments. ``flip_ratio``: share of neurons per layer whose rounding is
-    flipped; ``iters``: activation-preservation steps per layer; ``lr``; ``lam``: rounding
-    regulariser weight; ``calib_size``: clean images used."""
+    ``int8-torch`` and per-channel ``int4-w`` deployments (the paper evaluates 8- and 4-bit).
+    ``flip_ratio``: share of neurons per layer whose rounding is flipped; ``iters``:
+    activation-preservation steps per layer; ``lr``; ``lam``: rounding regulariser weight;
+    ``calib_size``: clean images used."""
 
     name = "efrap"
 
@@ -79,14 +82,19 @@ class EFRAP(Remover):
         self.calib_size = calib_size
 
     # ------------------------------------------------------------------ the rounding
-    def round_layer(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, fwd) -> torch.Tensor:
+    def round_layer(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, fwd, qmin: int = -128,
+                    qmax: int = 127, deployed: torch.Tensor | None = None) -> torch.Tensor:
         """Integer weights for one layer. ``w``: folded FP32 weight ``(O, ...)``; ``s``: ``(O,)``
-        scales; ``x``: the layer's clean inputs; ``fwd(x, w)``: the layer's linear op."""
+        scales; ``x``: the layer's clean inputs; ``fwd(x, w)``: the layer's linear op;
+        ``[qmin, qmax]``: the integer range (int8, or int4's [-8, 7]); ``deployed``: the
+        artifact's own integers, the round-to-nearest reference (its BN folding may differ from
+        ``w`` in the last float bit, which moves a weight at a rounding tie)."""
         shape = (-1,) + (1,) * (w.ndim - 1)
         sv = s.view(shape)
         base = torch.floor(w / sv)
         rest = w / sv - base  # in [0, 1)
-        nearest = (rest >= 0.5).float()
+        ref = torch.round(w / sv) if deployed is None else deployed.float()  # half-to-even, as deployed
+        nearest = (ref - base).clamp(0, 1)
         err = (w - sv * (base + nearest)).flatten(1).norm(dim=1)  # truncation error per neuron
         k = int(round(self.flip_ratio * w.shape[0]))
         flip = torch.zeros(w.shape[0], dtype=torch.bool)
@@ -94,13 +102,13 @@ class EFRAP(Remover):
             flip[torch.topk(err, k).indices] = True
         h0 = torch.where(flip.view(shape), 1 - nearest, nearest)
         if self.iters == 0:
-            return (base + h0).clamp(-128, 127)
+            return (base + h0).clamp(qmin, qmax)
         v = _v_init(h0, torch.full_like(rest, 0.2)).requires_grad_(True)
         opt = torch.optim.Adam([v], lr=self.lr)
         with torch.no_grad():
             target = fwd(x, w)
         for it in range(self.iters):
-            wq = sv * torch.clamp(base + _h(v), -128, 127)
+            wq = sv * torch.clamp(base + _h(v), qmin, qmax)
             rec = F.mse_loss(fwd(x, wq), target)
             t = it / max(1, self.iters)
             beta = 20 + (2 - 20) * t  # AdaRound: anneal from 20 to 2
@@ -110,7 +118,50 @@ class EFRAP(Remover):
             loss.backward()
             opt.step()
         with torch.no_grad():
-            return (base + (_h(v) >= 0.5).float()).clamp(-128, 127)
+            return (base + (_h(v) >= 0.5).float()).clamp(qmin, qmax)
+
+    # ------------------------------------------------------------------ int4-w
+    def _repair_int4(self, ctx: DefenseContext, model: nn.Module, x: torch.Tensor) -> tuple[Classifier, dict]:
+        """``int4-w`` (per channel, 4-bit symmetric, BN folded): the same grid as the deployment
+        (:func:`~backdoorlab.compress.fakequant.quantize_weight`'s scales), EFRAP's rounding."""
+        from ...compress.fakequant import qrange, symmetric_scale
+        from ...compress.layers import CONV, LINEAR, count_layers, fold_batchnorm
+        from ...compress.lowbit import Int4WeightConfig, lowbit_classifier, packed_saving
+
+        check(ctx.clf.info.get("weights", "").startswith("int4 symmetric per-channel"),
+              f"efrap repairs per-channel int4-w only, this artifact has {ctx.clf.info.get('weights')!r}")
+        sim = fold_batchnorm(model).cpu().float()
+        layers = [m for m in sim.modules() if isinstance(m, CONV + LINEAR)]
+        inputs: dict[nn.Module, torch.Tensor] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0].detach())) for m in layers]
+        with torch.no_grad():
+            sim(x)
+        for hk in hooks:
+            hk.remove()
+        qmin, qmax = qrange(4, True)
+        flipped, total = 0, 0
+        for m in layers:  # inputs were captured from the FP32 folded model, before any layer is rounded
+            w = m.weight.detach().clone()
+            s = symmetric_scale(w.reshape(w.shape[0], -1).abs().amax(1), 4)
+            if isinstance(m, nn.Conv2d):
+                def fwd(inp, weight, m=m):
+                    return F.conv2d(inp, weight, None, m.stride, m.padding, m.dilation, m.groups)
+            else:
+                def fwd(inp, weight):
+                    return F.linear(inp, weight)
+            ints = self.round_layer(w, s, inputs[m], fwd, qmin, qmax)
+            sv = s.view((-1,) + (1,) * (w.ndim - 1))
+            flipped += int((ints != torch.clamp(torch.round(w / sv), qmin, qmax)).sum())
+            total += ints.numel()
+            with torch.no_grad():
+                m.weight.copy_(sv * ints)
+        saved = sum(packed_saving(m.weight.numel(), 4, m.weight.shape[0]) for m in layers)
+        repaired = lowbit_classifier(Int4WeightConfig(), sim, count_layers(model), saved, ctx.clean, ctx.device,
+                                     act=False)
+        repaired.info = {**repaired.info, "repair": "efrap"}
+        share = flipped / max(total, 1)  # the artifact rounds to nearest: changed = not nearest
+        return repaired, {"efrap_changed_weights": share, "efrap_not_nearest": share, "efrap_layers": len(layers),
+                          "efrap_iters": self.iters, "efrap_flip_ratio": self.flip_ratio}
 
     # ------------------------------------------------------------------ repair
     def repair(self, ctx: DefenseContext) -> tuple[Classifier, dict[str, Any]]:
@@ -119,12 +170,15 @@ class EFRAP(Remover):
         from ...compress.layers import CONV, LINEAR
         from ...compress.torch_int8 import ao_quiet
 
-        check(ctx.clf.precision == "int8-torch",
-              f"efrap repairs int8-torch deployments only, this artifact is {ctx.clf.precision}")
+        check(ctx.clf.precision in ("int8-torch", "int4-w"),
+              f"efrap repairs int8-torch and (per-channel) int4-w deployments only, this artifact is "
+              f"{ctx.clf.precision}")
         check(ctx.model is not None, "efrap needs the FP32 model the artifact was deployed from")
         check(len(ctx.clean) > 0, "efrap needs clean holdout data")
         model = copy.deepcopy(ctx.model).float().cpu().eval()
         x = ctx.clean.float()[:self.calib_size].cpu()
+        if ctx.clf.precision == "int4-w":
+            return self._repair_int4(ctx, model, x)
         backend = ctx.clf.info.get("backend", "x86") if isinstance(ctx.clf.info, dict) else "x86"
         spec = {"name": "int8-torch", "backend": backend}
         clf = compress(spec, model, calib=ctx.clean, device=ctx.device)
@@ -158,11 +212,10 @@ class EFRAP(Remover):
                 else:
                     def fwd(inp, weight):
                         return F.linear(inp, weight)
-                ints = self.round_layer(w, s, inputs[name], fwd)
                 old = wq.int_repr().float()
-                nearest = torch.clamp(torch.round(w / s.view((-1,) + (1,) * (w.ndim - 1))), -128, 127)
+                ints = self.round_layer(w, s, inputs[name], fwd, deployed=old)
                 changed += int((ints != old).sum())
-                flipped += int((ints != nearest).sum())
+                flipped += int((ints != old).sum())
                 total += ints.numel()
                 new = torch._make_per_channel_quantized_tensor(ints.to(torch.int8), wq.q_per_channel_scales(),
                                                                wq.q_per_channel_zero_points(), wq.q_per_channel_axis())
