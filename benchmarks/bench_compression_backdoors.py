@@ -47,6 +47,8 @@ ATTACKS = {
 # the precision each attack targets (detection is run at FP32 and there)
 DEPLOYED = {"badnets": "int8-torch", "qcb-int8": "int8-torch", "qcb-multi": "int8-torch", "qcb-int4": "int4-w",
             "pqbackdoor": "int8-torch", "prune-conditioned-50": "prune-l1-50"}
+# where EFRAP repairs each quantization-conditioned model (its targeted deployment)
+EFRAP_AT = {"qcb-int8": "int8-torch", "qcb-int4": "int4-w"}
 # the blindspot study's budgets (studies/blindspots.yaml)
 DETECTORS = [{"name": "neural-cleanse", "steps": 100, "batches_per_step": 1, "batch_size": 4},
              {"name": "strip", "threshold_rule": "quantile", "eval_limit": 300}]
@@ -117,14 +119,15 @@ def main() -> None:
                 rec["precisions"][p] = {"ca": m["ca"], "asr": m["asr"]}
             except Exception as exc:  # one failing precision must not lose the others
                 rec["precisions"][p] = {"error": f"{type(exc).__name__}: {exc}"}
-        if label == "qcb-int8" and not args.skip_efrap:
-            clf = compress("int8-torch", t.model, calib=t.poisoned.holdout)
+        if label in EFRAP_AT and not args.skip_efrap:
+            clf = compress(EFRAP_AT[label], t.model, calib=t.poisoned.holdout)
             ctx = DefenseContext(clf=clf, clean=t.poisoned.holdout, num_classes=t.bundle.info.num_classes,
                                  generator=torch.Generator().manual_seed(0), model=t.model)
             t1 = time.perf_counter()
             repaired, facts = DEFENSES.build("efrap").repair(ctx)
             m = evaluate(repaired, t.bundle.test, t.attack)
-            rec["efrap_int8_torch"] = {"ca": m["ca"], "asr": m["asr"], "wall_s": time.perf_counter() - t1, **facts}
+            rec["efrap"] = {"precision": EFRAP_AT[label], "ca": m["ca"], "asr": m["asr"],
+                            "wall_s": time.perf_counter() - t1, **facts}
         if args.detect and label in DEPLOYED:
             rec["detection"] = detect(ds, spec, DEPLOYED[label])
         out.append(rec)
@@ -147,9 +150,9 @@ def main() -> None:
     if det_rows:
         print(table(["attack", "precision", "defense", "verdict", "score", "flagged", "AUROC"], det_rows))
     for rec in out:
-        if "efrap_int8_torch" in rec:
-            e = rec["efrap_int8_torch"]
-            print(f"\nEFRAP on {rec['attack']} (int8-torch): CA {e['ca']:.3f}, ASR {e['asr']:.3f}")
+        if "efrap" in rec:
+            e = rec["efrap"]
+            print(f"\nEFRAP on {rec['attack']} ({e['precision']}): CA {e['ca']:.3f}, ASR {e['asr']:.3f}")
     print(f"wrote {path}")
 
 
