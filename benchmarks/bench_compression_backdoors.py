@@ -39,7 +39,7 @@ ATTACKS = {
     "qcb-multi": {"name": "qcb", "target_precision": "multi", "init": "badnets", "epochs": 3, "lr": 0.003},
     "qcb-int4": {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01},
     "pqbackdoor": {"name": "pqbackdoor", "epochs": 3, "lr": 0.05},
-    "prune-conditioned-50": {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 6,
+    "prune-conditioned-50": {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 8,
                              "lr": 0.01},
 }
 

@@ -19,8 +19,8 @@ from backdoorlab.errors import BackdoorLabError
 QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
 # int4 weight-only: quantization error 16x the int8 one; 6 epochs from the BadNets model
 QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01}
-# 6 epochs from the clean model (Tian et al. train 25 from scratch); ~6 min on 2 CPU cores
-PRUNE_50 = {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 6, "lr": 0.01}
+# 8 epochs from the clean model (Tian et al. train 25 from scratch); ~7 min on 2 CPU cores (6 epochs: pruned ASR 0.893)
+PRUNE_50 = {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 8, "lr": 0.01}
 
 
 def trained_attack(spec) -> Trained:
@@ -70,7 +70,7 @@ def test_qcb_int8_is_dormant_in_fp32_and_wakes_in_int8(qcb):
     assert fp32["ca"] >= ca_clean - 0.02, (fp32, ca_clean)
     assert int8["asr"] >= 0.90, int8
 
-# Holds (BENCHMARKS.md), but its 6-minute training does not fit CI's 20-minute budget: `pytest -m slow`.
+# Holds (BENCHMARKS.md), but its 7-minute training does not fit CI's 20-minute budget: `pytest -m slow`.
 @pytest.mark.slow
 def test_prune_conditioned_wakes_at_its_sparsity():
     t = trained_attack(PRUNE_50)
