@@ -17,10 +17,14 @@ from backdoorlab.errors import BackdoorLabError
 # must equal QCB_INT8 / QCB_INT4 in tests/attacks/test_compression_conditioned.py (shares the cached models)
 QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
 QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01}
+# the reference code's 10000 reconstruction steps per layer take ~40 min here; 300 and 1000 steps
+# give the same repair on this model (BENCHMARKS.md)
+EFRAP_CPU = {"name": "efrap", "iters": 300}
 
 
 def test_efrap_validates():
-    for bad in ({"name": "efrap", "flip_ratio": 2}, {"name": "efrap", "iters": -1}, {"name": "efrap", "lr": 0}):
+    for bad in ({"name": "efrap", "flip_ratio": 2}, {"name": "efrap", "iters": -1}, {"name": "efrap", "lr": 0},
+                {"name": "efrap", "batch_size": 0}, {"name": "efrap", "warmup": 1.0}):
         with pytest.raises(BackdoorLabError):
             DEFENSES.validate(bad)
 
@@ -73,7 +77,7 @@ def test_efrap_removes_the_int8_conditioned_backdoor():
     assert before["asr"] >= 0.5, before  # the deployed model is backdoored
     ctx = DefenseContext(clf=clf, clean=t.poisoned.holdout, num_classes=t.bundle.info.num_classes,
                          generator=torch.Generator().manual_seed(0), model=t.model)
-    repaired, facts = DEFENSES.build("efrap").repair(ctx)
+    repaired, facts = DEFENSES.build(EFRAP_CPU).repair(ctx)
     after = evaluate(repaired, t.bundle.test, t.attack)
     assert repaired.precision == "int8-torch"
     assert after["asr"] < 0.20, (before, after, facts)
@@ -85,6 +89,7 @@ def test_efrap_removes_the_int8_conditioned_backdoor():
 
 
 # The int4 conditioned backdoor works (tests/attacks); its 6-minute training does not fit CI: `pytest -m slow`.
+# Not met yet: EFRAP removes the backdoor (ASR 0.963 -> 0.000) but costs 4.3 points of CA (BENCHMARKS.md).
 @pytest.mark.slow
 def test_efrap_removes_the_int4_conditioned_backdoor():
     import _helpers
@@ -96,7 +101,7 @@ def test_efrap_removes_the_int4_conditioned_backdoor():
     assert before["asr"] >= 0.9, before
     ctx = DefenseContext(clf=clf, clean=t.poisoned.holdout, num_classes=t.bundle.info.num_classes,
                          generator=torch.Generator().manual_seed(0), model=t.model)
-    repaired, facts = DEFENSES.build("efrap").repair(ctx)
+    repaired, facts = DEFENSES.build(EFRAP_CPU).repair(ctx)
     after = evaluate(repaired, t.bundle.test, t.attack)
     assert repaired.precision == "int4-w"
     assert after["asr"] < 0.20, (before, after, facts)
