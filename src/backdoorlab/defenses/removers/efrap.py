@@ -60,6 +60,26 @@ def _v_init(h: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
     return torch.log(p / (1 - p))
 
 
+def _linear_op(m: nn.Module):
+    """``fwd(x, w)``: layer ``m``'s conv / linear op with weight ``w`` and no bias."""
+    if isinstance(m, nn.Conv2d):
+        return lambda inp, weight: F.conv2d(inp, weight, None, m.stride, m.padding, m.dilation, m.groups)
+    return lambda inp, weight: F.linear(inp, weight)
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+    """The input of every module in ``layers`` when ``model`` runs on ``x``."""
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0].detach())) for m in layers]
+    try:
+        model(x)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return inputs
+
+
 @DEFENSES.register("efrap")
 class EFRAP(Remover):
     """EFRAP (Li et al., CVPR 2024): error-guided flipped rounding + activation preservation for
@@ -146,24 +166,13 @@ class EFRAP(Remover):
               f"efrap repairs per-channel int4-w only, this artifact has {ctx.clf.info.get('weights')!r}")
         sim = fold_batchnorm(model).cpu().float()
         layers = [m for m in sim.modules() if isinstance(m, CONV + LINEAR)]
-        inputs: dict[nn.Module, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(mod, a[0].detach())) for m in layers]
-        with torch.no_grad():
-            sim(x)
-        for hk in hooks:
-            hk.remove()
+        inputs = _layer_inputs(sim, layers, x)
         qmin, qmax = qrange(4, True)
         flipped, total = 0, 0
         for m in layers:  # inputs were captured from the FP32 folded model, before any layer is rounded
             w = m.weight.detach().clone()
             s = symmetric_scale(w.reshape(w.shape[0], -1).abs().amax(1), 4)
-            if isinstance(m, nn.Conv2d):
-                def fwd(inp, weight, m=m):
-                    return F.conv2d(inp, weight, None, m.stride, m.padding, m.dilation, m.groups)
-            else:
-                def fwd(inp, weight):
-                    return F.linear(inp, weight)
-            ints = self.round_layer(w, s, inputs[m], fwd, qmin, qmax)
+            ints = self.round_layer(w, s, inputs[m], _linear_op(m), qmin, qmax)
             sv = s.view((-1,) + (1,) * (w.ndim - 1))
             flipped += int((ints != torch.clamp(torch.round(w / sv), qmin, qmax)).sum())
             total += ints.numel()
@@ -200,13 +209,7 @@ class EFRAP(Remover):
 
         # FP32 inputs of every conv / linear on the clean data
         layers = {name: m for name, m in model.named_modules() if isinstance(m, CONV + LINEAR)}
-        inputs: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))
-                 for n, m in layers.items()]
-        with torch.no_grad():
-            model(x)
-        for hk in hooks:
-            hk.remove()
+        inputs = _layer_inputs(model, list(layers.values()), x)
         fold = _folded_scale(model)
 
         qmods = dict(q.named_modules())
@@ -220,14 +223,8 @@ class EFRAP(Remover):
                 s = wq.q_per_channel_scales().float()
                 a = fold[m]
                 w = m.weight.detach() * a.view((-1,) + (1,) * (m.weight.ndim - 1))
-                if isinstance(m, nn.Conv2d):
-                    def fwd(inp, weight, m=m):
-                        return F.conv2d(inp, weight, None, m.stride, m.padding, m.dilation, m.groups)
-                else:
-                    def fwd(inp, weight):
-                        return F.linear(inp, weight)
                 old = wq.int_repr().float()
-                ints = self.round_layer(w, s, inputs[name], fwd, deployed=old)
+                ints = self.round_layer(w, s, inputs[m], _linear_op(m), deployed=old)
                 changed += int((ints != old).sum())
                 flipped += int((ints != old).sum())
                 total += ints.numel()
