@@ -41,7 +41,10 @@ def main() -> None:
     from backdoorlab.train.fit import Hook, fit
     from backdoorlab.utils import generator
 
-    spec = json.loads(args.spec)
+    try:
+        spec = json.loads(args.spec)
+    except json.JSONDecodeError as exc:
+        ap.error(f"spec is not valid JSON: {exc}")  # one line, exit 2
     precisions = args.precisions.split(",")
     init = spec.get("init", "badnets" if spec.get("name") == "pqbackdoor" else "none")
     base = trained_gtsrb(init)
