@@ -5,9 +5,10 @@ precision, for the default model and PreAct-ResNet18, each as a ratio against Py
 Weights are untrained (speed and size do not depend on their values) but every calibrated
 precision is calibrated properly, on ``--calib-size`` real GTSRB training images (resized to
 32x32) when the archive is found, else on seeded uniform noise (recorded in the JSON).
-Latency: ``Classifier.latency_ms`` (median of ``--repeats`` timed calls after warm-up), threads
-fixed by ``--threads`` for PyTorch and ONNX Runtime alike. The machine's load average is recorded
-before and after: on a shared 2-core machine, other processes distort multi-threaded timings.
+Latency: ``Classifier.latency_ms``, one call per precision per round, rounds interleaved across
+precisions, median over rounds; threads fixed by ``--threads`` for PyTorch and ONNX Runtime alike.
+The machine's load average is recorded before and after: on a shared 2-core machine, other
+processes distort multi-threaded timings.
 
 Usage: python benchmarks/bench_compress.py [--models small-cnn preact-resnet18] [--threads 2]
        [--out benchmarks/results/compress.json]
@@ -32,8 +33,18 @@ from backdoorlab.compress import compress  # noqa: E402
 from backdoorlab.data import TensorData  # noqa: E402
 from backdoorlab.models import build_model  # noqa: E402
 
-PRECISIONS = ["fp32", "fp16", "bf16", "int8-dynamic", "int8-torch", "fp32-ort", "int8-ort", "int4-w", "w4a8",
-              "prune-l1-50"]
+PRECISIONS = ["fp32", "fp16", "bf16", "int8-dynamic", "int8-torch", "int8-torch-onednn", "fp32-ort", "int8-ort",
+              "int4-w", "w4a8", "prune-l1-50"]
+# benchmark names for non-default settings: name -> (spec, row label)
+VARIANTS = {"int8-torch-onednn": ({"name": "int8-torch", "backend": "onednn"}, "int8-torch (onednn)")}
+
+
+def spec_of(p: str, calib_size: int) -> tuple[dict | str, str | None]:
+    """``p`` (a precision or a :data:`VARIANTS` name) -> (compression spec, row label or None)."""
+    spec, label = VARIANTS.get(p, ({"name": p}, None))
+    if spec["name"] in ("int8-torch", "int8-ort", "w4a8"):
+        return {**spec, "calib_size": calib_size}, label
+    return (spec if len(spec) > 1 else spec["name"]), label
 
 
 def calibration_set(n: int, seed: int) -> tuple[TensorData, str]:
@@ -50,24 +61,39 @@ def calibration_set(n: int, seed: int) -> tuple[TensorData, str]:
 
 
 def measure(model_name: str, precisions: list[str], calib: TensorData, args) -> list[dict]:
+    """Build every precision of one model, then time them **interleaved**: each round calls every
+    classifier once (batch 1: ``--repeats-b1`` rounds, batch ``--batch``: ``--repeats-batch``
+    rounds) and the median over rounds is kept, so a slow phase of a shared machine hits every
+    precision alike instead of the one that happened to run then."""
+    import statistics
+
     torch.manual_seed(args.seed)
     model = build_model(model_name, 43, 3, (0.34, 0.31, 0.32), (0.27, 0.26, 0.27)).eval()
-    rows = []
+    built = []
     for p in precisions:
         t0 = time.perf_counter()
-        clf = compress({"name": p, "calib_size": args.calib_size} if p in ("int8-torch", "int8-ort", "w4a8") else p,
-                       model, calib=calib, device="cpu")
-        build = time.perf_counter() - t0
-        x1 = calib.subset(torch.arange(1)).float()
-        xb = calib.subset(torch.arange(args.batch) % len(calib)).float()
-        b1 = clf.latency_ms(batch_size=1, repeats=args.repeats_b1, warmup=3, x=x1)
-        bb = clf.latency_ms(batch_size=args.batch, repeats=args.repeats_batch, warmup=1, x=xb)
-        rows.append({"model": model_name, "precision": clf.precision, "size_bytes": clf.size_bytes,
+        spec, label = spec_of(p, args.calib_size)
+        clf = compress(spec, model, calib=calib, device="cpu")
+        built.append((label or clf.precision, clf, time.perf_counter() - t0))
+    x1 = calib.subset(torch.arange(1)).float()
+    xb = calib.subset(torch.arange(args.batch) % len(calib)).float()
+    times: dict[str, dict[int, list[float]]] = {p: {1: [], args.batch: []} for p, _, _ in built}
+    for b, x, rounds, warm in ((1, x1, args.repeats_b1, 3), (args.batch, xb, args.repeats_batch, 1)):
+        for _, clf, _ in built:
+            clf.latency_ms(batch_size=b, repeats=1, warmup=warm, x=x)
+        for _ in range(rounds):
+            for p, clf, _ in built:
+                times[p][b].append(clf.latency_ms(batch_size=b, repeats=1, warmup=0, x=x))
+    rows = []
+    for precision, clf, build in built:
+        b1 = statistics.median(times[precision][1])
+        bb = statistics.median(times[precision][args.batch])
+        rows.append({"model": model_name, "precision": precision, "size_bytes": clf.size_bytes,
                      "latency_ms_b1": b1, f"latency_ms_per_image_b{args.batch}": bb,
                      f"latency_ms_b{args.batch}": bb * args.batch, "build_s": build,
                      "int8_layers": clf.int8_layers, "load_avg": os.getloadavg()[0]})
-        print(f"  {model_name:16s} {clf.precision:14s} b1 {b1:8.2f} ms  b{args.batch} {bb * args.batch:9.1f} ms  "
-              f"size {clf.size_bytes / 1e6:6.2f} MB  (load {os.getloadavg()[0]:.1f})", flush=True)
+        print(f"  {model_name:16s} {precision:19s} b1 {b1:8.2f} ms  b{args.batch} {bb * args.batch:9.1f} ms  "
+              f"size {clf.size_bytes / 1e6:6.2f} MB", flush=True)
     by = {r["precision"]: r for r in rows}
     for r in rows:
         for ref in ("fp32", "fp32-ort"):
@@ -101,7 +127,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats-b1", type=int, default=30)
-    ap.add_argument("--repeats-batch", type=int, default=5)
+    ap.add_argument("--repeats-batch", type=int, default=9)
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/compress.json)")

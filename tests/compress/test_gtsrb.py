@@ -14,10 +14,16 @@ from backdoorlab.compress import compress
 pytestmark = pytest.mark.data
 
 
+ONEDNN = {"name": "int8-torch", "backend": "onednn"}  # oneDNN kernels, x86 qconfig
+INT8 = ("int8-torch", "int8-torch/onednn", "int8-ort")
+
+
 @pytest.fixture(scope="module")
 def deployed(gtsrb):
-    return {s: compress(s, gtsrb.model, calib=gtsrb.poisoned.holdout, device="auto")
-            for s in ("fp32", "int8-torch", "int8-ort", "fp32-ort")}
+    out = {s: compress(s, gtsrb.model, calib=gtsrb.poisoned.holdout, device="auto")
+           for s in ("fp32", "int8-torch", "int8-ort", "fp32-ort")}
+    out["int8-torch/onednn"] = compress(ONEDNN, gtsrb.model, calib=gtsrb.poisoned.holdout, device="auto")
+    return out
 
 
 def _ca(clf, data) -> float:
@@ -28,16 +34,17 @@ def test_int8_clean_accuracy_within_one_point_of_fp32(gtsrb, deployed):
     test = gtsrb.bundle.test
     ref = _ca(deployed["fp32"], test)
     assert ref >= 0.85, ref
-    for name in ("int8-torch", "int8-ort"):
+    for name in INT8:
         ca = _ca(deployed[name], test)
         assert abs(ca - ref) <= 0.01, (name, ca, ref)
 
 
-def test_int8_torch_runs_real_quantized_kernels(gtsrb, deployed):
+@pytest.mark.parametrize("name", ["int8-torch", "int8-torch/onednn"])
+def test_int8_torch_runs_real_quantized_kernels(gtsrb, deployed, name):
     from torch.ao.nn import quantized as nnq
     from torch.ao.nn.intrinsic import quantized as nniq
 
-    clf = deployed["int8-torch"]
+    clf = deployed[name]
     q = clf.module.inner
     mods = list(q.modules())
     assert sum(isinstance(m, nniq.ConvReLU2d) for m in mods) == 6  # conv+BN+ReLU fused: BN folded
@@ -72,9 +79,11 @@ def test_int8_ort_graph_is_qdq_with_per_channel_weights(deployed):
 
 def test_surrogates_agree_with_their_artifacts(gtsrb, deployed):
     x = gtsrb.bundle.test.float()
-    for name in ("int8-torch", "int8-ort"):
+    for name in INT8:
         clf = deployed[name]
         assert agreement(clf, clf.surrogate, x) >= 0.99, name
+    # the two kernel libraries run the same integers: only requantization rounding may differ
+    assert agreement(deployed["int8-torch"], deployed["int8-torch/onednn"], x) >= 0.995
 
 
 def test_fp32_onnx_export_matches_pytorch_on_the_test_set(gtsrb, deployed):
@@ -85,7 +94,7 @@ def test_fp32_onnx_export_matches_pytorch_on_the_test_set(gtsrb, deployed):
 
 def test_int8_is_about_four_times_smaller(deployed):
     fp32 = deployed["fp32"].size_bytes
-    for name in ("int8-torch", "int8-ort"):
+    for name in INT8:
         assert 3.0 <= fp32 / deployed[name].size_bytes <= 4.5, (name, fp32, deployed[name].size_bytes)
 
 

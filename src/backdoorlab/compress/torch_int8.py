@@ -7,7 +7,14 @@ Follows PyTorch's "(prototype) FX Graph Mode Post Training Static Quantization" 
 ``reduce_range=True``, i.e. 7-bit, as the x86/fbgemm kernels need on CPUs without VNNI),
 Conv-BatchNorm(-ReLU) fused so **BatchNorm is folded** into the conv weights, calibration on
 ``calib_size`` clean images, then ``convert_fx``: quantized ``Conv2d``/``ConvReLU2d``/``Linear``
-modules running ``quantized::conv2d(_relu)`` / ``quantized::linear`` (fbgemm) on CPU.
+modules running ``quantized::conv2d(_relu)`` / ``quantized::linear`` on CPU.
+
+Kernels: PyTorch's x86 int8 stack has two kernel libraries, FBGEMM and oneDNN. By default
+(``backend="onednn"``) the weights are packed for, and run by, oneDNN, the library PT2E's
+``X86InductorQuantizer`` also lowers to; the qconfig stays the x86 one above. The ``x86`` engine's
+own heuristic picks FBGEMM on CPUs without VNNI, which ran batch 256 1.5x slower than oneDNN on
+the AVX2 machine of ``benchmarks/bench_compress.py`` (same integers; logits differ by at most
+~1e-3 from requantization rounding). ``backend="x86"`` or ``"fbgemm"`` selects FBGEMM.
 
 Normalize stays inside the graph (FP32 ``sub``/``div`` before the first ``quantize_per_tensor``).
 The graph returns ``(logits, features)``, so the artifact keeps FEATURES; it has no input
@@ -39,15 +46,26 @@ from .base import CalibratedConfig, DualOutput, LogitsAndFeatures
 from .calib import batches, calibration_images, input_shape
 from .layers import count_layers, describe_int8
 
-BACKENDS = ("x86", "fbgemm")
+# backend -> (quantized engine that packs and runs the kernels, default qconfig of torch.ao)
+BACKENDS = {"x86": ("x86", "x86"), "fbgemm": ("fbgemm", "fbgemm"), "onednn": ("onednn", "x86")}
 
 
 @dataclass(frozen=True)
 class TorchInt8Config(CalibratedConfig):
-    """``backend``: PyTorch quantized engine and default qconfig (``x86`` or ``fbgemm``)."""
+    """``backend``: which of PyTorch's x86 int8 kernel libraries runs the model.
+
+    * ``onednn`` (default): oneDNN kernels (those PT2E's ``X86InductorQuantizer`` lowers to) with
+      the **x86 qconfig**, i.e. the same 7-bit activations and per-channel weights as ``x86``.
+      PyTorch's own ``onednn`` qconfig uses 8-bit activations, which can saturate the int16
+      accumulation of ``vpmaddubsw`` on CPUs without VNNI; 7 bits cannot. Same integers as
+      ``x86`` up to kernel rounding, faster on AVX2 machines (see BENCHMARKS.md).
+    * ``x86``: PyTorch's x86 engine and qconfig; the engine picks FBGEMM or oneDNN per op by its
+      own heuristic (FBGEMM on CPUs without VNNI).
+    * ``fbgemm``: FBGEMM kernels and qconfig.
+    """
 
     name = "int8-torch"
-    backend: str = "x86"
+    backend: str = "onednn"
 
     def validate(self) -> None:
         super().validate()
@@ -86,7 +104,8 @@ def _convert(model: nn.Module, cfg: TorchInt8Config, calib_x: torch.Tensor | Non
 
     wrapped = LogitsAndFeatures(copy.deepcopy(model).cpu().float().eval())
     try:
-        prepared = prepare_fx(wrapped, get_default_qconfig_mapping(cfg.backend), example_inputs=(example,))
+        prepared = prepare_fx(wrapped, get_default_qconfig_mapping(BACKENDS[cfg.backend][1]),
+                              example_inputs=(example,))
     except Exception as exc:  # symbolic tracing failed: data-dependent control flow etc.
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackdoorLabError(f"int8-torch: the model cannot be traced by torch.fx: {line}") from None
@@ -104,7 +123,7 @@ def int8_torch(cfg: TorchInt8Config, model: nn.Module, *, calib: TensorData | No
     from .surrogate import fx_surrogate
 
     shape = input_shape(calib)
-    with ao_quiet(), quant_engine(cfg.backend):
+    with ao_quiet(), quant_engine(BACKENDS[cfg.backend][0]):
         if artifact is not None:
             example = torch.zeros(1, *artifact["input_shape"])
             q = _convert(model, cfg, None, example)
