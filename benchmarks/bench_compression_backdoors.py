@@ -49,8 +49,8 @@ DEPLOYED = {"badnets": "int8-torch", "qcb-int8": "int8-torch", "qcb-multi": "int
             "pqbackdoor": "int8-torch", "prune-conditioned-50": "prune-l1-50"}
 # where EFRAP repairs each quantization-conditioned model (its targeted deployment)
 EFRAP_AT = {"qcb-int8": "int8-torch", "qcb-int4": "int4-w"}
-# the reference code's 10000 reconstruction steps per layer take ~40 min on 2 CPU cores
-EFRAP = {"name": "efrap", "iters": 300}
+# the reference code's 10000 steps per layer take ~15 min on 2 CPU cores; 1000 meet the thresholds (90 s)
+EFRAP = {"name": "efrap", "iters": 1000}
 # the blindspot study's budgets (studies/blindspots.yaml)
 DETECTORS = [{"name": "neural-cleanse", "steps": 100, "batches_per_step": 1, "batch_size": 4},
              {"name": "strip", "threshold_rule": "quantile", "eval_limit": 300}]

@@ -17,14 +17,15 @@ from backdoorlab.errors import BackdoorLabError
 # must equal QCB_INT8 / QCB_INT4 in tests/attacks/test_compression_conditioned.py (shares the cached models)
 QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
 QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01}
-# the reference code's 10000 reconstruction steps per layer take ~40 min here; 300 and 1000 steps
-# give the same repair on this model (BENCHMARKS.md)
-EFRAP_CPU = {"name": "efrap", "iters": 300}
+# the reference code's 10000 steps per layer take ~15 min here; 1000 steps (90 s) already meet the
+# thresholds on the int4 model (BENCHMARKS.md)
+EFRAP_CPU = {"name": "efrap", "iters": 1000}
 
 
 def test_efrap_validates():
-    for bad in ({"name": "efrap", "flip_ratio": 2}, {"name": "efrap", "iters": -1}, {"name": "efrap", "lr": 0},
-                {"name": "efrap", "batch_size": 0}, {"name": "efrap", "warmup": 1.0}):
+    for bad in ({"name": "efrap", "penalty": -1}, {"name": "efrap", "iters": -1}, {"name": "efrap", "lr": 0},
+                {"name": "efrap", "batch_size": 0}, {"name": "efrap", "lam": -0.1},
+                {"name": "efrap", "flip_ratio": 0.5}):
         with pytest.raises(BackdoorLabError):
             DEFENSES.validate(bad)
 
@@ -43,17 +44,45 @@ def _digits_ctx(precision: str, spec=None):
 
 @pytest.mark.parametrize("precision", ["int8-torch", "int4-w"])
 def test_efrap_keeps_the_deployment_grid(precision):
-    """With nothing flipped and no optimisation EFRAP's rounding is the deployment's own
-    round-to-nearest: the rebuilt artifact computes exactly what the original does. Flipping
-    changes the rounding of about flip_ratio of the weights, never the precision."""
+    """With no optimisation EFRAP's rounding is the deployment's own round-to-nearest: the rebuilt
+    artifact computes exactly what the original does. Optimising changes some roundings, never the
+    precision."""
     ctx, x = _digits_ctx(precision)
-    same, facts = DEFENSES.build({"name": "efrap", "flip_ratio": 0.0, "iters": 0}).repair(ctx)
+    same, facts = DEFENSES.build({"name": "efrap", "iters": 0}).repair(ctx)
     assert same.precision == precision and facts["efrap_not_nearest"] == 0
     torch.testing.assert_close(same.logits(x), ctx.clf.logits(x), rtol=1e-4, atol=1e-4)  # float order only
-    flipped, facts = DEFENSES.build({"name": "efrap", "flip_ratio": 0.5, "iters": 0}).repair(ctx)
+    flipped, facts = DEFENSES.build({"name": "efrap", "iters": 100, "calib_size": 64}).repair(ctx)
     assert flipped.precision == precision
-    assert 0.3 < facts["efrap_not_nearest"] < 0.7, facts
+    assert 0 < facts["efrap_not_nearest"] < 0.5, facts
     assert not torch.equal(flipped.logits(x), ctx.clf.logits(x))
+
+
+def test_efrap_flips_the_roundings_with_the_largest_error():
+    """The error-guided term pulls every weight towards the other rounding with the weight of its
+    truncation error: the weights that end up flipped are the ones nearest a rounding midpoint.
+    Every result is the floor or the ceiling of W/s."""
+    import torch.nn.functional as F
+
+    from backdoorlab.defenses.removers.efrap import EFRAP
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, generator=g) * 0.1
+    s = w.flatten(1).abs().amax(1) / 7  # a 4-bit grid
+    x = torch.randn(64, 4, 8, 8, generator=g)
+
+    def op(inp, weight):
+        return F.conv2d(inp, weight, padding=1)
+
+    r = w / s.view(-1, 1, 1, 1)
+    nearest = torch.round(r)
+    midpoint_distance = (r - r.floor() - 0.5).abs()
+    ints = EFRAP(iters=300).round_layer(w, s, x, op, -8, 7)
+    assert bool(((ints == r.floor()) | (ints == r.ceil())).all())
+    flipped = ints != nearest
+    assert 0 < float(flipped.float().mean()) < 0.5
+    assert float(midpoint_distance[flipped].mean()) < 0.5 * float(midpoint_distance[~flipped].mean())
+    unguided = EFRAP(iters=300, penalty=0.0).round_layer(w, s, x, op, -8, 7)
+    assert int((unguided != nearest).sum()) < int(flipped.sum())
 
 
 def test_efrap_refuses_what_it_cannot_repair():
@@ -89,7 +118,7 @@ def test_efrap_removes_the_int8_conditioned_backdoor():
 
 
 # The int4 conditioned backdoor works (tests/attacks); its 6-minute training does not fit CI: `pytest -m slow`.
-# Not met yet: EFRAP removes the backdoor (ASR 0.963 -> 0.000) but costs 4.3 points of CA (BENCHMARKS.md).
+# Measured at 1000 steps: ASR 0.963 -> 0.029, CA 0.888 -> 0.920 (BENCHMARKS.md).
 @pytest.mark.slow
 def test_efrap_removes_the_int4_conditioned_backdoor():
     import _helpers

@@ -6,19 +6,28 @@ the *rounding*: the attacker places weights so that round-to-nearest, and only i
 backdoor on. EFRAP keeps the deployment's quantization grid (the same per-channel scales and the
 same calibrated activation ranges) but chooses each weight's rounding (floor or ceil) itself:
 
-1. **Error-guided flipped rounding.** Per output neuron, the truncation error of nearest rounding
-   ``||W - s * round(W / s)||`` is measured; in the ``flip_ratio`` share of neurons of each layer
-   with the largest error norm the rounding of every weight is flipped (nearest -> the other
-   neighbour), which the paper shows deactivates the backdoor neurons.
-2. **Activation preservation.** Starting from that rounding, a soft rounding variable per weight
-   (AdaRound's rectified sigmoid, Nagel et al., ICML 2020) is optimised layer by layer so that the
-   layer's output on the defender's clean data matches the FP32 layer's output
-   (``||W x - W_hat x||^2``, summed over output channels as BRECQ's ``lp_loss``), with
-   AdaRound's annealed regulariser driving every variable to 0 (floor) or 1 (ceil); the flipped
-   rounding enters as the initial state. The reference code's reconstruction settings
-   (MQBench/BRECQ, ``r18_4_4.yaml``): ``iters`` = 10000 steps per layer on random mini-batches
-   of ``batch_size`` = 32 clean inputs, Adam ``lr=1e-3``, ``lam`` = 0.01, no regulariser during
-   the first ``warmup`` = 20% of the steps, then ``beta`` decaying linearly from 20 to 2.
+Both parts are one per-layer optimisation of a soft rounding variable ``h = sigmoid(alpha)`` per
+weight (the integer weight is ``floor(W/s) + h``), as in the authors' code (MQBench's
+``advanced_ptq.LossFunction`` and ``AdaRoundFakeQuantize`` in AntigoneRandy/QuantBackdoor_EFRAP):
+
+1. **Error-guided flipped rounding.** Every weight is pulled towards the *opposite* of its
+   round-to-nearest choice by a cross-entropy ``CE(h, 1 - nearest)`` weighted by its truncation
+   error ``|W - s * round(W / s)|``: weights near a rounding midpoint (large error, cheap to flip)
+   are flipped, weights near a grid point hardly feel it. The paper shows that the backdoor of a
+   quantization-conditioned model rides on the neurons with large truncation error, which this
+   flips.
+2. **Activation preservation.** ``lp_loss(layer(x; W_hat), layer(x; W))`` (squared error summed
+   over output channels, averaged over the rest) keeps each layer's output on the defender's
+   clean data close to the FP32 layer's. As in BRECQ/MQBench the layer input ``x`` comes from the
+   model whose earlier layers are already rounded by EFRAP, the target from the FP32 model.
+3. A rounding regulariser ``lam * sum(1 - |2h - 1|^2)`` drives every ``h`` to 0 or 1.
+
+``alpha`` starts at ``logit(W/s - floor(W/s))`` (the soft weight equals the FP32 weight), Adam
+``lr=1e-3``, ``iters`` = 10000 steps per layer on random mini-batches of ``batch_size`` = 32 clean
+inputs (``r18_4_4.yaml``), ``lam`` = 0.01, error-penalty weight ``penalty`` = 1; the result is
+``floor(W/s) + [h >= 0.5]``. The reference also learns the activation step sizes; here the
+deployment's calibrated activation ranges and weight scales are kept as they are, so the repaired
+artifact has exactly the original's grid.
 
 The result is deployed for real: the ``int8-torch`` artifact is built on the defender's holdout
 (``compress``), then the integer weights of each quantized conv / linear are replaced by EFRAP's
@@ -45,20 +54,6 @@ from ...classifier import Classifier
 from ...errors import check
 from ..base import DEFENSES, DefenseContext, Remover
 
-ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch
-
-
-def _h(v: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-
-def _v_init(h: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_h` at a soft value near ``h`` (0/1 targets are pulled into (0, 1) by
-    ``rest`` so the optimiser can still move them)."""
-    target = torch.where(h > 0.5, 1 - rest, rest).clamp(1e-3, 1 - 1e-3)
-    p = (target - GAMMA) / (ZETA - GAMMA)
-    return torch.log(p / (1 - p))
-
 
 def _linear_op(m: nn.Module):
     """``fwd(x, w)``: layer ``m``'s conv / linear op with weight ``w`` and no bias."""
@@ -84,75 +79,66 @@ def _layer_inputs(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) ->
 class EFRAP(Remover):
     """EFRAP (Li et al., CVPR 2024): error-guided flipped rounding + activation preservation for
     ``int8-torch`` and per-channel ``int4-w`` deployments (the paper evaluates 8- and 4-bit).
-    ``flip_ratio``: share of neurons per layer whose rounding is flipped; ``iters``:
-    activation-preservation steps per layer (``batch_size`` inputs each); ``lr``; ``lam``:
-    rounding regulariser weight; ``warmup``: share of steps without it; ``calib_size``: clean
-    images used."""
+    ``iters``: optimisation steps per layer (``batch_size`` inputs each); ``lr``: Adam's; ``lam``:
+    rounding regulariser weight; ``penalty``: weight of the error-guided flipping term;
+    ``calib_size``: clean images used."""
 
     name = "efrap"
 
-    def __init__(self, flip_ratio: float = 0.5, iters: int = 10000, lr: float = 1e-3, lam: float = 0.01,
-                 calib_size: int = 512, batch_size: int = 32, warmup: float = 0.2):
-        check(isinstance(flip_ratio, (int, float)) and 0 <= flip_ratio <= 1,
-              f"efrap: flip_ratio must be in [0, 1], got {flip_ratio!r}")
+    def __init__(self, iters: int = 10000, lr: float = 1e-3, lam: float = 0.01, penalty: float = 1.0,
+                 calib_size: int = 512, batch_size: int = 32):
         check(isinstance(iters, int) and not isinstance(iters, bool) and iters >= 0,
               f"efrap: iters must be an integer >= 0, got {iters!r}")
         check(isinstance(lr, (int, float)) and lr > 0, f"efrap: lr must be > 0, got {lr!r}")
         check(isinstance(lam, (int, float)) and lam >= 0, f"efrap: lam must be >= 0, got {lam!r}")
+        check(isinstance(penalty, (int, float)) and penalty >= 0, f"efrap: penalty must be >= 0, got {penalty!r}")
         check(isinstance(calib_size, int) and not isinstance(calib_size, bool) and calib_size > 0,
               f"efrap: calib_size must be a positive integer, got {calib_size!r}")
         check(isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0,
               f"efrap: batch_size must be a positive integer, got {batch_size!r}")
-        check(isinstance(warmup, (int, float)) and 0 <= warmup < 1, f"efrap: warmup must be in [0, 1), got {warmup!r}")
-        self.flip_ratio, self.iters, self.lr, self.lam = float(flip_ratio), iters, float(lr), float(lam)
-        self.batch_size, self.warmup = batch_size, float(warmup)
-        self.calib_size = calib_size
+        self.iters, self.lr, self.lam, self.penalty = iters, float(lr), float(lam), float(penalty)
+        self.batch_size, self.calib_size = batch_size, calib_size
 
     # ------------------------------------------------------------------ the rounding
     def round_layer(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, fwd, qmin: int = -128,
-                    qmax: int = 127, deployed: torch.Tensor | None = None) -> torch.Tensor:
+                    qmax: int = 127, deployed: torch.Tensor | None = None,
+                    target: torch.Tensor | None = None) -> torch.Tensor:
         """Integer weights for one layer. ``w``: folded FP32 weight ``(O, ...)``; ``s``: ``(O,)``
-        scales; ``x``: the layer's clean inputs; ``fwd(x, w)``: the layer's linear op;
-        ``[qmin, qmax]``: the integer range (int8, or int4's [-8, 7]); ``deployed``: the
-        artifact's own integers, the round-to-nearest reference (its BN folding may differ from
-        ``w`` in the last float bit, which moves a weight at a rounding tie)."""
+        scales; ``x``: the layer's clean inputs (from the partly repaired model); ``fwd(x, w)``:
+        the layer's linear op; ``[qmin, qmax]``: the integer range (int8, or int4's [-8, 7]);
+        ``deployed``: the artifact's own integers, the round-to-nearest reference (its BN folding
+        may differ from ``w`` in the last float bit, which moves a weight at a rounding tie);
+        ``target``: the FP32 layer's output on the same images (default ``fwd(x, w)``)."""
         shape = (-1,) + (1,) * (w.ndim - 1)
         sv = s.view(shape)
         base = torch.floor(w / sv)
         rest = w / sv - base  # in [0, 1)
         ref = torch.round(w / sv) if deployed is None else deployed.float()  # half-to-even, as deployed
         nearest = (ref - base).clamp(0, 1)
-        err = (w - sv * (base + nearest)).flatten(1).norm(dim=1)  # truncation error per neuron
-        k = int(round(self.flip_ratio * w.shape[0]))
-        flip = torch.zeros(w.shape[0], dtype=torch.bool)
-        if k:
-            flip[torch.topk(err, k).indices] = True
-        h0 = torch.where(flip.view(shape), 1 - nearest, nearest)
         if self.iters == 0:
-            return (base + h0).clamp(qmin, qmax)
-        v = _v_init(h0, torch.full_like(rest, 0.2)).requires_grad_(True)
-        opt = torch.optim.Adam([v], lr=self.lr)
-        with torch.no_grad():
-            target = fwd(x, w)
+            return (base + nearest).clamp(qmin, qmax)
+        error = (w - sv * (base + nearest)).abs()  # truncation error of nearest rounding, weight units
+        flip = 1 - nearest
+        p0 = rest.clamp(1e-4, 1 - 1e-4)
+        alpha = torch.log(p0 / (1 - p0)).requires_grad_(True)  # sigmoid(alpha) = the FP32 rest
+        opt = torch.optim.Adam([alpha], lr=self.lr)
+        if target is None:
+            with torch.no_grad():
+                target = fwd(x, w)
         g = torch.Generator().manual_seed(0)
         bs = min(self.batch_size, len(x))
-        for it in range(self.iters):
-            idx = torch.randint(len(x), (bs,), generator=g)  # a random mini-batch per step, as BRECQ/MQBench
-            wq = sv * torch.clamp(base + _h(v), qmin, qmax)
-            # BRECQ's lp_loss: squared error summed over output channels, averaged over the rest
-            rec = (fwd(x[idx], wq) - target[idx]).pow(2).sum(1).mean()
-            t = it / max(1, self.iters)
-            if t < self.warmup:  # AdaRound: no rounding regulariser during the warm-up
-                reg = torch.zeros(())
-            else:  # then beta decays linearly from 20 to 2
-                beta = 2 + (20 - 2) * (1 - (t - self.warmup) / (1 - self.warmup))
-                reg = (1 - (2 * _h(v) - 1).abs().pow(beta)).sum()
-            loss = rec + self.lam * reg
+        for _ in range(self.iters):
+            idx = torch.randint(len(x), (bs,), generator=g)  # a random mini-batch per step, as MQBench
+            h = torch.sigmoid(alpha)
+            wq = sv * torch.clamp(base + h, qmin, qmax)
+            rec = (fwd(x[idx], wq) - target[idx]).pow(2).sum(1).mean()  # lp_loss
+            ce = -(flip * torch.log(h + 1e-8) + (1 - flip) * torch.log(1 - h + 1e-8))
+            loss = rec + self.penalty * (error * ce).sum() + self.lam * (1 - (2 * h - 1).pow(2)).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
-            return (base + (_h(v) >= 0.5).float()).clamp(qmin, qmax)
+            return (base + (alpha >= 0).float()).clamp(qmin, qmax)
 
     # ------------------------------------------------------------------ int4-w
     def _repair_int4(self, ctx: DefenseContext, model: nn.Module, x: torch.Tensor) -> tuple[Classifier, dict]:
@@ -166,13 +152,16 @@ class EFRAP(Remover):
               f"efrap repairs per-channel int4-w only, this artifact has {ctx.clf.info.get('weights')!r}")
         sim = fold_batchnorm(model).cpu().float()
         layers = [m for m in sim.modules() if isinstance(m, CONV + LINEAR)]
-        inputs = _layer_inputs(sim, layers, x)
+        fp_inputs = _layer_inputs(sim, layers, x)  # the FP32 (folded) model, before any rounding
         qmin, qmax = qrange(4, True)
         flipped, total = 0, 0
-        for m in layers:  # inputs were captured from the FP32 folded model, before any layer is rounded
+        for m in layers:  # in order; ``sim`` holds the rounded weights of the layers done so far
             w = m.weight.detach().clone()
             s = symmetric_scale(w.reshape(w.shape[0], -1).abs().amax(1), 4)
-            ints = self.round_layer(w, s, inputs[m], _linear_op(m), qmin, qmax)
+            op = _linear_op(m)
+            with torch.no_grad():
+                target = op(fp_inputs[m], w)
+            ints = self.round_layer(w, s, _layer_inputs(sim, [m], x)[m], op, qmin, qmax, target=target)
             sv = s.view((-1,) + (1,) * (w.ndim - 1))
             flipped += int((ints != torch.clamp(torch.round(w / sv), qmin, qmax)).sum())
             total += ints.numel()
@@ -184,7 +173,7 @@ class EFRAP(Remover):
         repaired.info = {**repaired.info, "repair": "efrap"}
         share = flipped / max(total, 1)  # the artifact rounds to nearest: changed = not nearest
         return repaired, {"efrap_changed_weights": share, "efrap_not_nearest": share, "efrap_layers": len(layers),
-                          "efrap_iters": self.iters, "efrap_flip_ratio": self.flip_ratio}
+                          "efrap_iters": self.iters}
 
     # ------------------------------------------------------------------ repair
     def repair(self, ctx: DefenseContext) -> tuple[Classifier, dict[str, Any]]:
@@ -202,15 +191,20 @@ class EFRAP(Remover):
         x = ctx.clean.float()[:self.calib_size].cpu()
         if ctx.clf.precision == "int4-w":
             return self._repair_int4(ctx, model, x)
-        backend = ctx.clf.info.get("backend", "x86") if isinstance(ctx.clf.info, dict) else "x86"
-        spec = {"name": "int8-torch", "backend": backend}
+        from ...compress.torch_int8 import TorchInt8Config
+
+        info = ctx.clf.info if isinstance(ctx.clf.info, dict) else {}
+        spec = {"name": "int8-torch", "backend": info.get("backend", TorchInt8Config.backend)}
         clf = compress(spec, model, calib=ctx.clean, device=ctx.device)
         q = clf.module.inner  # the converted FX GraphModule (DualOutput(q))
 
-        # FP32 inputs of every conv / linear on the clean data
+        # FP32 inputs of every conv / linear on the clean data; ``work`` takes each layer's repaired
+        # weights (dequantized, BN unfolded) as it is done, and gives the next layer its input
         layers = {name: m for name, m in model.named_modules() if isinstance(m, CONV + LINEAR)}
-        inputs = _layer_inputs(model, list(layers.values()), x)
+        fp_inputs = _layer_inputs(model, list(layers.values()), x)
         fold = _folded_scale(model)
+        work = copy.deepcopy(model)
+        work_mods = dict(work.named_modules())
 
         qmods = dict(q.named_modules())
         changed, total, flipped = 0, 0, 0
@@ -222,9 +216,16 @@ class EFRAP(Remover):
                 wq = qm.weight()
                 s = wq.q_per_channel_scales().float()
                 a = fold[m]
-                w = m.weight.detach() * a.view((-1,) + (1,) * (m.weight.ndim - 1))
+                shape = (-1,) + (1,) * (m.weight.ndim - 1)
+                w = m.weight.detach() * a.view(shape)
                 old = wq.int_repr().float()
-                ints = self.round_layer(w, s, inputs[m], _linear_op(m), deployed=old)
+                op = _linear_op(m)
+                with torch.no_grad():
+                    target = op(fp_inputs[m], w)
+                wm = work_mods[name]
+                ints = self.round_layer(w, s, _layer_inputs(work, [wm], x)[wm], op, deployed=old, target=target)
+                with torch.no_grad():
+                    wm.weight.copy_(s.view(shape) * ints / a.view(shape))
                 changed += int((ints != old).sum())
                 flipped += int((ints != old).sum())
                 total += ints.numel()
@@ -236,6 +237,6 @@ class EFRAP(Remover):
         repaired.info = {**repaired.info, "repair": "efrap"}
         return repaired, {"efrap_changed_weights": changed / max(total, 1),
                           "efrap_not_nearest": flipped / max(total, 1), "efrap_layers": len(layers),
-                          "efrap_iters": self.iters, "efrap_flip_ratio": self.flip_ratio}
+                          "efrap_iters": self.iters}
 
 
