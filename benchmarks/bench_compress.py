@@ -33,10 +33,11 @@ from backdoorlab.compress import compress  # noqa: E402
 from backdoorlab.data import TensorData  # noqa: E402
 from backdoorlab.models import build_model  # noqa: E402
 
-PRECISIONS = ["fp32", "fp16", "bf16", "int8-dynamic", "int8-torch", "int8-torch-onednn", "fp32-ort", "int8-ort",
+PRECISIONS = ["fp32", "fp16", "bf16", "int8-dynamic", "int8-torch", "int8-torch-x86", "fp32-ort", "int8-ort",
               "int4-w", "w4a8", "prune-l1-50"]
-# benchmark names for non-default settings: name -> (spec, row label)
-VARIANTS = {"int8-torch-onednn": ({"name": "int8-torch", "backend": "onednn"}, "int8-torch (onednn)")}
+# benchmark names for non-default settings: name -> (spec, row label). ``int8-torch`` runs oneDNN
+# kernels; ``int8-torch-x86`` lets PyTorch's x86 engine choose (FBGEMM on CPUs without VNNI).
+VARIANTS = {"int8-torch-x86": ({"name": "int8-torch", "backend": "x86"}, "int8-torch (x86 engine)")}
 
 
 def spec_of(p: str, calib_size: int) -> tuple[dict | str, str | None]:
