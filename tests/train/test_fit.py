@@ -101,3 +101,10 @@ def test_a_hook_may_install_the_optimizer_and_enlarge_the_batch():
     r = fit(_model(b), b.train, cfg, generator=torch.Generator().manual_seed(0), hooks=[Doubling()], device="cpu")
     assert 0 < seen["lr"] < 1e-3  # the schedule drove the hook's optimiser, not Adam's own lr=1.0
     assert all(0.0 <= h["train_acc"] <= 1.0 for h in r.history), r.history
+
+
+def test_a_diverging_run_fails_with_one_line():
+    b = load_dataset("digits")
+    cfg = TrainConfig(epochs=1, batch_size=256, lr=1e30, schedule="cosine", warmup=0.0)
+    with pytest.raises(BackdoorLabError, match="training diverged in epoch 1"):
+        fit(_model(b), b.train, cfg, generator=torch.Generator().manual_seed(0), device="cpu")

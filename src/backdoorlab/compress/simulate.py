@@ -143,6 +143,9 @@ class QuantSim(nn.Module):
 
         from .torch_int8 import ao_quiet
 
+        if not all(bool(torch.isfinite(p).all()) for p in self.model_ref[0].parameters()):
+            raise BackdoorLabError("quantization simulation: the model's weights are no longer finite (training "
+                                   "diverged); lower the learning rate")
         model = copy.deepcopy(self.model_ref[0]).eval()
         with ao_quiet():
             prepared = prepare_fx(model, QConfigMapping().set_global(_calib_qconfig(self.preset)),

@@ -212,6 +212,8 @@ def fit(
                 bar.update(1)
         metrics = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
                    "train_acc": float(correct) / max(seen, 1), "lr": _lr_at(cfg, state.step, total)}
+        check(math.isfinite(metrics["train_loss"]), f"training diverged in epoch {epoch + 1} (train loss "
+                                                    f"{metrics['train_loss']}); lower the learning rate (lr {cfg.lr})")
         if eval_data is not None:
             metrics["test_acc"] = accuracy(model, eval_data, device=dev)
         for h in hooks:
