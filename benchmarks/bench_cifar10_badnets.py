@@ -37,7 +37,8 @@ def main() -> None:
         wall = time.perf_counter() - t0
     out = [{"attack": r.attack, "status": r.status, "error": r.error, **r.metrics, "cell_wall_s": r.wall_time}
            for r in rows]
-    path = write("cifar10_badnets", {"epochs": args.epochs, "label_smoothing": args.label_smoothing, "total_wall_s": wall, "rows": out}, args.out)
+    path = write("cifar10_badnets", {"epochs": args.epochs, "label_smoothing": args.label_smoothing,
+                                    "total_wall_s": wall, "rows": out}, args.out)
     print(table(["attack", "epochs", "CA", "ASR", "RA", "train wall (s)", "cell wall (s)"],
                 [[r["attack"], args.epochs, r.get("ca"), r.get("asr"), r.get("ra"), r.get("train_wall"),
                   r["cell_wall_s"]] for r in out]))
