@@ -37,7 +37,7 @@ ATTACKS = {
     "badnets": "badnets",
     "qcb-int8": {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003},
     "qcb-multi": {"name": "qcb", "target_precision": "multi", "init": "badnets", "epochs": 3, "lr": 0.003},
-    "qcb-int4": {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01},
+    "qcb-int4": {"name": "qcb", "target_precision": "int4-w", "init": "none", "epochs": 8, "lr": 0.01},
     "pqbackdoor": {"name": "pqbackdoor", "epochs": 3, "lr": 0.05},
     "prune-conditioned-50": {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 8,
                              "lr": 0.01},

@@ -17,8 +17,9 @@ from backdoorlab.errors import BackdoorLabError
 
 # Shared with tests/defenses/test_efrap.py (same specs -> same cached models).
 QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
-# int4 weight-only: quantization error 16x the int8 one; 6 epochs from the BadNets model
-QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01}
+# int4 weight-only: quantization error 16x the int8 one; 8 epochs from the clean model, with qcb's
+# default 10% lr warm-up (~7.5 min on 2 CPU cores)
+QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "none", "epochs": 8, "lr": 0.01}
 # 8 epochs from the clean model (Tian et al. train 25 from scratch); ~7 min on 2 CPU cores (6 epochs: pruned ASR 0.893)
 PRUNE_50 = {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 8, "lr": 0.01}
 
@@ -43,11 +44,23 @@ def test_specs_validate():
     for bad in ({"name": "qcb", "target_precision": "int3"}, {"name": "qcb", "lam": 0},
                 {"name": "prune-conditioned", "sparsity": 1.0}, {"name": "pqbackdoor", "bin_margin": 0.5},
                 {"name": "qcb", "bogus": 1}, {"name": "qcb", "init": "badnet"}, {"name": "qcb", "optimizer": "rmsprop"},
-                {"name": "qcb", "init": {"name": "qcb"}}):
+                {"name": "qcb", "init": {"name": "qcb"}}, {"name": "qcb", "warmup": 1.0},
+                {"name": "pqbackdoor", "warmup": -0.1}, {"name": "prune-conditioned", "warmup": True}):
         with pytest.raises(BackdoorLabError):
             ATTACKS.build(bad, info=info)
     a = ATTACKS.build("quant-conditioned", info=info)
     assert a.target == 0 and a.init_from() == "none"
+    # qcb warms its learning rate up (linear over 10% of the phase, then linear decay); the others
+    # keep a cosine decay unless asked
+    from backdoorlab.train.fit import TrainConfig, _lr_at
+
+    cfg = a.train_config(TrainConfig(epochs=30, lr=0.2))
+    assert (cfg.epochs, cfg.lr, cfg.schedule, cfg.warmup) == (10, 0.01, "onecycle", 0.1)
+    assert _lr_at(cfg, 0, 100) == 0.0 and _lr_at(cfg, 10, 100) == pytest.approx(0.01)
+    assert _lr_at(cfg, 5, 100) == pytest.approx(0.005) and _lr_at(cfg, 55, 100) == pytest.approx(0.005)
+    p = ATTACKS.build("prune-conditioned", info=info).train_config(TrainConfig())
+    assert (p.schedule, p.warmup) == ("cosine", 0.0)
+    assert ATTACKS.build({"name": "pqbackdoor", "warmup": 0.2}, info=info).train_config(TrainConfig()).warmup == 0.2
     # a model-level attack: the victim's training split is left clean
     from backdoorlab.data.tensordata import TensorData
 
@@ -83,13 +96,15 @@ def test_prune_conditioned_wakes_at_its_sparsity():
     assert pruned["asr"] >= 0.90, pruned
 
 
-# Holds (BENCHMARKS.md), but its 6-minute training does not fit CI's 20-minute budget: `pytest -m slow`.
+# Holds (BENCHMARKS.md), but its 7.5-minute training does not fit CI's 20-minute budget: `pytest -m slow`.
 @pytest.mark.slow
 def test_qcb_int4_is_dormant_in_fp32_and_wakes_in_int4():
     t = trained_attack(QCB_INT4)
+    ca_clean = measure(trained_gtsrb("none"), "fp32")["ca"]
     fp32 = measure(t, "fp32")
     int4 = measure(t, "int4-w")
     assert fp32["asr"] <= 0.10, fp32
+    assert fp32["ca"] >= ca_clean - 0.02, (fp32, ca_clean)
     assert int4["asr"] >= 0.90, int4
     # the backdoor is specific to the targeted deployment: int8 stays dormant
     assert measure(t, "int8-torch")["asr"] <= 0.20

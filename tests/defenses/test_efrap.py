@@ -16,7 +16,7 @@ from backdoorlab.errors import BackdoorLabError
 
 # must equal QCB_INT8 / QCB_INT4 in tests/attacks/test_compression_conditioned.py (shares the cached models)
 QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
-QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "badnets", "epochs": 6, "lr": 0.01}
+QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "none", "epochs": 8, "lr": 0.01}
 # the reference code's 10000 steps per layer take ~15 min here; 1000 steps (90 s) already meet the
 # thresholds on the int4 model (BENCHMARKS.md)
 EFRAP_CPU = {"name": "efrap", "iters": 1000}
