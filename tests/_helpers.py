@@ -41,6 +41,13 @@ GTSRB_SUBSET = {"name": "gtsrb", "train_limit": 6000, "test_limit": 2000}
 GTSRB_TRAIN = {"epochs": 10, "batch_size": 128, "lr": 0.1, "crop_pad": 0}
 
 
+# The conditioned attacks the issue-5 tests train (tests/attacks and tests/defenses share the cached models).
+QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
+# int4 weight-only: quantization error 16x the int8 one; 8 epochs from the clean model, with qcb's
+# default 10% lr warm-up (~7.5 min on 2 CPU cores)
+QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "none", "epochs": 8, "lr": 0.01}
+
+
 def gtsrb_study(attacks=("none", "badnets", "blended"), name="gtsrb-tests"):
     """A one-seed study on the shared GTSRB subset (validated like a user's YAML)."""
     from backdoorlab.bench.study import Study

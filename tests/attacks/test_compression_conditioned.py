@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import Trained, gtsrb_study, trained_gtsrb
+from _helpers import QCB_INT4, QCB_INT8, Trained, gtsrb_study, trained_gtsrb
 
 from backdoorlab.attacks import ATTACKS
 from backdoorlab.bench.pipeline import evaluate
 from backdoorlab.compress import compress
 from backdoorlab.errors import BackdoorLabError
 
-# Shared with tests/defenses/test_efrap.py (same specs -> same cached models).
-QCB_INT8 = {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003}
-# int4 weight-only: quantization error 16x the int8 one; 8 epochs from the clean model, with qcb's
-# default 10% lr warm-up (~7.5 min on 2 CPU cores)
-QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "none", "epochs": 8, "lr": 0.01}
 # 8 epochs from the clean model (Tian et al. train 25 from scratch); ~7 min on 2 CPU cores (6 epochs: pruned ASR 0.893)
 PRUNE_50 = {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 8, "lr": 0.01}
 

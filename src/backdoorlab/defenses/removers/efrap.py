@@ -207,7 +207,7 @@ class EFRAP(Remover):
         work_mods = dict(work.named_modules())
 
         qmods = dict(q.named_modules())
-        changed, total, flipped = 0, 0, 0
+        changed, total = 0, 0
         with ao_quiet():
             for name, m in layers.items():
                 qm = qmods.get(f"model.{name}")
@@ -224,10 +224,10 @@ class EFRAP(Remover):
                     target = op(fp_inputs[m], w)
                 wm = work_mods[name]
                 ints = self.round_layer(w, s, _layer_inputs(work, [wm], x)[wm], op, deployed=old, target=target)
-                with torch.no_grad():
-                    wm.weight.copy_(s.view(shape) * ints / a.view(shape))
-                changed += int((ints != old).sum())
-                flipped += int((ints != old).sum())
+                with torch.no_grad():  # where BN's gamma is 0 the folded weight is 0 whatever w is
+                    av = a.view(shape)
+                    wm.weight.copy_(torch.where(av != 0, s.view(shape) * ints / av.where(av != 0, 1), wm.weight))
+                changed += int((ints != old).sum())  # the artifact rounds to nearest: changed = not nearest
                 total += ints.numel()
                 new = torch._make_per_channel_quantized_tensor(ints.to(torch.int8), wq.q_per_channel_scales(),
                                                                wq.q_per_channel_zero_points(), wq.q_per_channel_axis())
@@ -236,7 +236,7 @@ class EFRAP(Remover):
         repaired = compress(spec, model, calib=ctx.clean, device=ctx.device, artifact=art)
         repaired.info = {**repaired.info, "repair": "efrap"}
         return repaired, {"efrap_changed_weights": changed / max(total, 1),
-                          "efrap_not_nearest": flipped / max(total, 1), "efrap_layers": len(layers),
+                          "efrap_not_nearest": changed / max(total, 1), "efrap_layers": len(layers),
                           "efrap_iters": self.iters}
 
 
