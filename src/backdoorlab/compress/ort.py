@@ -109,6 +109,11 @@ class OrtClassifier(Classifier):
         so.intra_op_num_threads = threads or torch.get_num_threads()
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        # ORT's worker threads spin after each run by default. Next to another session (fp32-ort
+        # and int8-ort of one study) or PyTorch's own threads, the spinning pool takes the cores
+        # the next call needs: in bench_compress's interleaved rounds it slowed the small CNN's
+        # int8-ort batch of 256 from 71 to 101 ms. Blocking waits, like OMP_WAIT_POLICY=PASSIVE.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(self.model_bytes, so, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
