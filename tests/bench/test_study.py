@@ -33,11 +33,21 @@ def test_grid_expands_and_ids_are_stable():
     ({"train": {"epoch": 3}}, "did you mean 'epochs'"),
     ({"holdout": 1.0}, "holdout"),
     ({"datasest": []}, "did you mean 'datasets'"),
+    ({"tta": "mirror"}, "tta must be one of none, flip, got 'mirror'"),
+    ({"tta": "flip"}, "tta 'flip' averages each image with its mirror image, but digits is not mirror-symmetric"),
 ])
 def test_bad_studies_fail_with_one_line(change, match):
     with pytest.raises(BackdoorLabError, match=match) as e:
         Study.from_dict({**BASE, **change})
     assert "\n" not in str(e.value)
+
+
+def test_tta_enters_the_run_id_only_when_set():
+    base = {**BASE, "datasets": ["cifar10"]}
+    ids = [c.run_id for c in Study.from_dict(base).cells()]
+    assert [c.run_id for c in Study.from_dict({**base, "tta": "none"}).cells()] == ids
+    flip = Study.from_dict({**base, "tta": "flip"}).cells()
+    assert all(c.tta == "flip" for c in flip) and not set(c.run_id for c in flip) & set(ids)
 
 
 def test_malformed_yaml_names_the_line(tmp_path):

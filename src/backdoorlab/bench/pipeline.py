@@ -26,7 +26,7 @@ from ..config import canonical_json, to_dict
 from ..data.datasets import DataBundle, DatasetConfig, load_dataset
 from ..data.splits import defender_split
 from ..data.tensordata import TensorData
-from ..errors import BackdoorLabError
+from ..errors import BackdoorLabError, check
 from ..metrics import asr, clean_acc, ra
 from ..models import build_model
 from ..registry import split_spec
@@ -34,23 +34,53 @@ from ..train.fit import fit
 from ..utils import derive_seed, generator, resolve_device
 from .cache import ArtifactCache
 from .store import ResultStore, Row, now, versions
-from .study import Cell, Study
+from .study import TTA, Cell, Study
 
 POISON_VERSION = 1
 DEFENSE_VERSION = 1
 TRAIN_VERSION = 1
 
 
-def evaluate(clf: Classifier, test: TensorData, attack: Attack, batch_size: int = 1024) -> dict[str, float]:
-    """CA on the clean test set; ASR and RA on its triggered copy (see :mod:`backdoorlab.metrics`)."""
+def _top1(clf: Classifier, x: torch.Tensor, batch_size: int, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 labels of ``x`` without and with test-time augmentation ``tta`` (``flip``: the
+    logits of each image and of its mirror image summed, airbench's protocol)."""
+    plain, aug = [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        logits = clf.logits(xb)
+        plain.append(logits.argmax(1).cpu())
+        if tta == "flip":
+            aug.append((logits + clf.logits(xb.flip(3))).argmax(1).cpu())
+    if not plain:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, empty
+    p = torch.cat(plain)
+    return p, (torch.cat(aug) if aug else p)
+
+
+def evaluate(clf: Classifier, test: TensorData, attack: Attack, batch_size: int = 1024,
+             tta: str = "none") -> dict[str, Any]:
+    """CA on the clean test set; ASR and RA on its triggered copy (see :mod:`backdoorlab.metrics`).
+
+    ``tta="flip"`` (study setting ``tta: flip``, for mirror-symmetric datasets): predictions sum
+    the logits of each image and of its horizontal mirror, for clean and triggered images alike;
+    ``ca`` / ``asr`` / ``ra`` are then those of the augmented predictions, the single-view ones are
+    kept as ``ca_plain`` / ``asr_plain`` / ``ra_plain``, and ``tta`` names the protocol.
+    """
+    check(tta in TTA, f"tta must be one of {', '.join(TTA)}, got {tta!r}")
     x = test.float()
-    pred = clf.predict(x, batch_size)
     counted = attack.counted(test.y)
-    xt = attack.apply(x[counted])
-    pred_t = clf.predict(xt, batch_size)
     yc = test.y[counted]
-    return {"ca": clean_acc(pred, test.y), "asr": asr(pred_t, attack.target_labels(yc)),
-            "ra": ra(pred_t, yc)}
+    pred, pred_aug = _top1(clf, x, batch_size, tta)
+    pred_t, pred_t_aug = _top1(clf, attack.apply(x[counted]), batch_size, tta)
+
+    def scores(p: torch.Tensor, pt: torch.Tensor) -> dict[str, float]:
+        return {"ca": clean_acc(p, test.y), "asr": asr(pt, attack.target_labels(yc)), "ra": ra(pt, yc)}
+
+    out: dict[str, Any] = scores(pred, pred_t)
+    if tta != "none":
+        out = {**scores(pred_aug, pred_t_aug), **{f"{k}_plain": v for k, v in out.items()}, "tta": tta}
+    return out
 
 
 @dataclass
@@ -184,7 +214,8 @@ class Pipeline:
         poisoned = self.poison(cell)
         model, meta = self.train(cell, poisoned, attack)
         clf, ckey = self.compress(cell, model, poisoned, meta["key"])
-        metrics = evaluate(clf, bundle.test, attack)  # CA / ASR / RA of the deployed artifact itself
+        # CA / ASR / RA of the deployed artifact itself
+        metrics = evaluate(clf, bundle.test, attack, tta=cell.tta)
         metrics.update(n_train=len(poisoned.split.data), n_poison=int(poisoned.split.poison_idx.numel()),
                        n_holdout=len(poisoned.holdout), n_test=len(bundle.test),
                        train_wall=meta["train_wall"], precision=clf.precision, size_bytes=clf.size_bytes,
@@ -225,7 +256,7 @@ class Pipeline:
             redeploy=lambda m: compress(cell.compression, m, calib=poisoned.holdout, device=self.device),
             progress=bool(self.progress))
         truth = Truth(attack, poisoned.split.is_poisoned, self.data(cell.dataset).test,
-                      before={k: before[k] for k in ("ca", "asr", "ra")})
+                      before={k: before[k] for k in ("ca", "asr", "ra")}, tta=cell.tta)
         return run_defense(defense, ctx, truth)
 
 

@@ -11,6 +11,7 @@ A study is a YAML file (the only YAML in the repo lives in ``studies/``)::
     seeds: [0, 1, 2]
     train: {epochs: 30, batch_size: 128}
     holdout: 0.05                       # defender's clean share of the training set
+    tta: none                           # or flip: CA / ASR / RA from image + mirror-image logits
 
 Everything is validated before any cell runs, so a bad study changes nothing on disk.
 """
@@ -30,7 +31,8 @@ from ..registry import split_spec
 from ..train.fit import TrainConfig
 
 KEYS = {"name", "description", "datasets", "models", "attacks", "compress", "defenses", "seeds",
-        "train", "holdout", "device", "variants"}
+        "train", "holdout", "device", "variants", "tta"}
+TTA = ("none", "flip")
 
 
 def _label(spec: str | dict[str, Any]) -> str:
@@ -57,14 +59,18 @@ class Cell:
     seed: int
     train: TrainConfig
     holdout: float
+    tta: str = "none"
 
     @property
     def config(self) -> dict[str, Any]:
         from ..config import to_dict
 
-        return {"dataset": to_dict(self.dataset), "model": self.model, "attack": self.attack,
-                "compression": self.compression, "defense": self.defense, "seed": self.seed,
-                "train": to_dict(self.train), "holdout": self.holdout}
+        cfg = {"dataset": to_dict(self.dataset), "model": self.model, "attack": self.attack,
+               "compression": self.compression, "defense": self.defense, "seed": self.seed,
+               "train": to_dict(self.train), "holdout": self.holdout}
+        if self.tta != "none":  # only then, so that run ids of studies without it stay as they were
+            cfg["tta"] = self.tta
+        return cfg
 
     @property
     def run_id(self) -> str:
@@ -91,9 +97,10 @@ class Study:
     holdout: float = 0.05
     device: str = "auto"
     description: str = ""
+    tta: str = "none"
 
     def cells(self) -> list[Cell]:
-        return [Cell(self.name, d, m, a, c, f, s, self.train, self.holdout)
+        return [Cell(self.name, d, m, a, c, f, s, self.train, self.holdout, self.tta)
                 for d, m, a, s, c, f in itertools.product(self.datasets, self.models, self.attacks,
                                                           self.seeds, self.compress, self.defenses)]
 
@@ -188,6 +195,8 @@ class Study:
         holdout = raw.get("holdout", 0.05)
         check(isinstance(holdout, (int, float)) and 0 <= holdout < 1,
               f"holdout must be in [0, 1), got {holdout!r}")
+        tta = raw.get("tta", "none")
+        check(tta in TTA, f"tta must be one of {', '.join(TTA)}, got {tta!r}")
         study = cls(
             name=str(raw.get("name", default_name)),
             datasets=[DatasetConfig.from_spec(d) for d in as_list("datasets", [])],
@@ -200,6 +209,7 @@ class Study:
             holdout=float(holdout),
             device=str(raw.get("device", "auto")),
             description=str(raw.get("description", "")),
+            tta=str(tta),
         )
         study.validate(check_data=False)  # data files are checked where data_dir is known
         return study
@@ -227,5 +237,8 @@ class Study:
             if check_data and (cells is None or any(c.dataset == d for c in cells)):
                 locate(d.name, data_dir)
             info = d.info()
+            check(self.tta != "flip" or info.hflip,
+                  f"tta 'flip' averages each image with its mirror image, but {d.name} is not mirror-symmetric "
+                  f"(a flip changes its classes); use tta: none")
             for a in self.attacks:
                 ATTACKS.build(a, info=info)  # checks target range, rate, patch fit, files

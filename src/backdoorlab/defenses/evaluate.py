@@ -44,13 +44,15 @@ class Truth:
 
     ``attack``: the attack (``NoAttack`` for a clean model); ``poisoned``: ``(N,)`` bool over
     ``ctx.train`` (all False for a clean model); ``test``: the clean test set;
-    ``before``: CA / ASR / RA of the deployed model before any repair.
+    ``before``: CA / ASR / RA of the deployed model before any repair; ``tta``: the study's
+    test-time augmentation, which scores the repaired model too.
     """
 
     attack: Attack
     poisoned: torch.Tensor
     test: TensorData
     before: dict[str, float] = field(default_factory=dict)
+    tta: str = "none"
 
     @property
     def clean_model(self) -> bool:
@@ -161,8 +163,8 @@ def _score_remover(rem: Remover, ctx: DefenseContext, truth: Truth) -> dict[str,
     from ..bench.pipeline import evaluate
 
     repaired, facts = rem.repair(ctx)
-    after = evaluate(repaired, truth.test, truth.attack)
-    b = truth.before or evaluate(ctx.clf, truth.test, truth.attack)
+    after = evaluate(repaired, truth.test, truth.attack, tta=truth.tta)
+    b = truth.before or evaluate(ctx.clf, truth.test, truth.attack, tta=truth.tta)
     score = der(b["ca"], after["ca"], b["asr"], after["asr"])
     backdoored = b["asr"] >= ASR_BACKDOORED and not truth.clean_model
     return {"detected": (after["asr"] < ASR_MITIGATED) if backdoored else None, "defense_score": score,

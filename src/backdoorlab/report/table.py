@@ -30,11 +30,14 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def results_table(rows: Sequence[Row]) -> str:
-    """One line per cell: the axes, seed, status, CA / ASR / RA and wall time."""
+    """One line per cell: the axes, seed, status, CA / ASR / RA and wall time (status reads
+    ``ok (tta flip)`` when the scores use flip test-time augmentation)."""
     header = [*AXES, "seed", "status", "CA", "ASR", "RA", "int8 layers", "wall_s"]
     body = []
     for r in rows:
         status = r.status if r.status != "error" else f"error: {(r.error or '')[:60]}"
+        if r.metrics.get("tta", "none") != "none":
+            status += f" (tta {r.metrics['tta']})"
         body.append([r.dataset, r.model, r.attack, r.compression, r.defense, str(r.seed), status,
                      *(_fmt(r.metrics.get(m)) for m in METRICS), _fmt(r.metrics.get("int8_layers")),
                      _fmt(r.wall_time)])
