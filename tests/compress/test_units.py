@@ -91,6 +91,9 @@ def test_fp32_onnx_export_matches_pytorch_logits(tiny):
     ops = clf.op_types()
     assert "Sub" in ops and "Div" in ops  # Normalize is inside the exported graph
     assert "QuantizeLinear" not in ops
+    # worker threads block between calls, so a session does not take the cores of the next one
+    opts = clf.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_latency_and_size_of_classifier(tiny):
