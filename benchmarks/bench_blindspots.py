@@ -11,7 +11,9 @@ temporary directory by default, so nothing is reused from earlier runs) and repo
 * the claims of Pandey & Ye (arXiv 2512.06243) next to ours.
 
 Usage: python benchmarks/bench_blindspots.py [--seed 0] [--dataset gtsrb] [--home DIR]
-(needs BACKDOORLAB_DATA). Writes benchmarks/results/blindspots_<dataset>.json.
+(needs BACKDOORLAB_DATA). Writes benchmarks/results/blindspots_<dataset>.json. Given the
+``--home`` of an interrupted or sliced run, it resumes it; the JSON then also gives the sum of the
+rows' own wall times (``cells_wall_s``, training included), the study's cost on this machine.
 """
 
 from __future__ import annotations
@@ -97,10 +99,14 @@ def main() -> None:
                          rec["grad_on"] or "-", "-" if rec["wall_s"] is None else round(rec["wall_s"], 1),
                          rec["paper"]])
     errors = [r for r in rows if r.status != "ok"]
+    # a store that already held some cells (an interrupted or sliced run resumed here): this
+    # invocation's wall time is not the study's, the sum of the rows' own wall times is
+    cells_wall = sum(r.wall_time or 0.0 for r in rows)
     path = write(f"blindspots_{args.dataset}", {"study": study.name, "dataset": args.dataset, "seed": args.seed,
-                                                "cells": len(cells), "errors": len(errors), "wall_s": wall,
-                                                "rows": out})
-    print(f"{len(cells)} cells, {len(errors)} errors, wall {wall / 60:.1f} min (target <= 60 min)")
+                                                "cells": len(cells), "rows_found": len(rows), "errors": len(errors),
+                                                "wall_s": wall, "cells_wall_s": cells_wall, "rows": out})
+    print(f"{len(cells)} cells ({len(rows)} with a row), {len(errors)} errors, wall {wall / 60:.1f} min, "
+          f"sum of cell wall times {cells_wall / 60:.1f} min (target <= 60 min)")
     print(table(["precision", "defense", "detects BadNets", "flags clean model", "score", "true target",
                  "ASR deployed", "gradients on", "cell s", "paper"], body))
     for r in errors:
