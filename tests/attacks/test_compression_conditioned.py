@@ -45,8 +45,8 @@ def test_specs_validate():
             ATTACKS.build(bad, info=info)
     a = ATTACKS.build("quant-conditioned", info=info)
     assert a.target == 0 and a.init_from() == "none"
-    # qcb warms its learning rate up (linear over 10% of the phase, then linear decay); the others
-    # keep a cosine decay unless asked
+    # qcb and prune-conditioned warm their learning rate up (linear over 10% of the phase, then
+    # linear decay); pqbackdoor keeps a cosine decay unless asked
     from backdoorlab.train.fit import TrainConfig, _lr_at
 
     cfg = a.train_config(TrainConfig(epochs=30, lr=0.2))
@@ -54,6 +54,8 @@ def test_specs_validate():
     assert _lr_at(cfg, 0, 100) == 0.0 and _lr_at(cfg, 10, 100) == pytest.approx(0.01)
     assert _lr_at(cfg, 5, 100) == pytest.approx(0.005) and _lr_at(cfg, 55, 100) == pytest.approx(0.005)
     p = ATTACKS.build("prune-conditioned", info=info).train_config(TrainConfig())
+    assert (p.schedule, p.warmup) == ("onecycle", 0.1)
+    p = ATTACKS.build("pqbackdoor", info=info).train_config(TrainConfig())
     assert (p.schedule, p.warmup) == ("cosine", 0.0)
     assert ATTACKS.build({"name": "pqbackdoor", "warmup": 0.2}, info=info).train_config(TrainConfig()).warmup == 0.2
     # a model-level attack: the victim's training split is left clean
