@@ -13,7 +13,8 @@ temporary directory by default, so nothing is reused from earlier runs) and repo
 Usage: python benchmarks/bench_blindspots.py [--seed 0] [--dataset gtsrb] [--home DIR]
 (needs BACKDOORLAB_DATA). Writes benchmarks/results/blindspots_<dataset>.json. Given the
 ``--home`` of an interrupted or sliced run, it resumes it; the JSON then also gives the sum of the
-rows' own wall times (``cells_wall_s``, training included), the study's cost on this machine.
+rows' own wall times (``cells_wall_s``, training included), the study's cost on this machine;
+``--no-run`` tabulates such a store as it is, without running the missing cells.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dataset", default="gtsrb")
     ap.add_argument("--home", help="BACKDOORLAB_HOME for the run (default: a fresh temporary directory)")
+    ap.add_argument("--no-run", action="store_true",
+                    help="run no cell: tabulate the rows already in --home's store (a partial run)")
     args = ap.parse_args()
     home = args.home or tempfile.mkdtemp(prefix="bench-blindspots-")
     os.environ["BACKDOORLAB_HOME"] = home
@@ -55,7 +58,11 @@ def main() -> None:
     study.validate(cells=cells)
     store = ResultStore(Path(home) / "results.sqlite")
     t0 = time.perf_counter()
-    run_study(study, store, cells=cells, progress=False)
+    if args.no_run:
+        if not args.home:
+            sys.exit("bench_blindspots: --no-run needs the --home of an earlier run")
+    else:
+        run_study(study, store, cells=cells, progress=False)
     wall = time.perf_counter() - t0
     ids = {c.run_id for c in cells}
     rows = [r for r in store.rows(study.name) if r.run_id in ids]
@@ -71,7 +78,7 @@ def main() -> None:
             bad, clean = cell.get("badnets"), cell.get("none")
 
             def verdict(r):
-                if r is None:
+                if r is None or r.status == "running":  # never run, or interrupted (resumes on rerun)
                     return "-"
                 if r.status != "ok":
                     return "error"
@@ -98,7 +105,7 @@ def main() -> None:
                          "-" if rec["asr_deployed"] is None else round(rec["asr_deployed"], 3),
                          rec["grad_on"] or "-", "-" if rec["wall_s"] is None else round(rec["wall_s"], 1),
                          rec["paper"]])
-    errors = [r for r in rows if r.status != "ok"]
+    errors = [r for r in rows if r.status not in ("ok", "running")]
     # a store that already held some cells (an interrupted or sliced run resumed here): this
     # invocation's wall time is not the study's, the sum of the rows' own wall times is
     cells_wall = sum(r.wall_time or 0.0 for r in rows)
