@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--no-run", action="store_true",
                     help="run no cell: tabulate the rows already in --home's store (a partial run)")
     args = ap.parse_args()
+    if args.no_run and not (args.home and (Path(args.home) / "results.sqlite").is_file()):
+        ap.error(f"--no-run tabulates an earlier run's store, but {args.home or '(no --home)'} holds no "
+                 f"results.sqlite: give the --home of that run")
     home = args.home or tempfile.mkdtemp(prefix="bench-blindspots-")
     os.environ["BACKDOORLAB_HOME"] = home
 
@@ -58,14 +61,13 @@ def main() -> None:
     study.validate(cells=cells)
     store = ResultStore(Path(home) / "results.sqlite")
     t0 = time.perf_counter()
-    if args.no_run:
-        if not args.home:
-            sys.exit("bench_blindspots: --no-run needs the --home of an earlier run")
-    else:
+    if not args.no_run:
         run_study(study, store, cells=cells, progress=False)
-    wall = time.perf_counter() - t0
+    wall = None if args.no_run else time.perf_counter() - t0
     ids = {c.run_id for c in cells}
     rows = [r for r in store.rows(study.name) if r.run_id in ids]
+    if not rows:  # never overwrite a committed result with an empty one
+        ap.error(f"the store in {home} holds no row of this study's {args.dataset} seed-{args.seed} cells")
 
     out, body = [], []
     precisions = list(dict.fromkeys(r.compression for r in rows))
@@ -112,7 +114,8 @@ def main() -> None:
     path = write(f"blindspots_{args.dataset}", {"study": study.name, "dataset": args.dataset, "seed": args.seed,
                                                 "cells": len(cells), "rows_found": len(rows), "errors": len(errors),
                                                 "wall_s": wall, "cells_wall_s": cells_wall, "rows": out})
-    print(f"{len(cells)} cells ({len(rows)} with a row), {len(errors)} errors, wall {wall / 60:.1f} min, "
+    took = "not run" if wall is None else f"{wall / 60:.1f} min"
+    print(f"{len(cells)} cells ({len(rows)} with a row), {len(errors)} errors, wall {took}, "
           f"sum of cell wall times {cells_wall / 60:.1f} min"
           + (" (issue target for GTSRB, one seed: <= 60 min)" if args.dataset == "gtsrb" else ""))
     print(table(["precision", "defense", "detects BadNets", "flags clean model", "score", "true target",
