@@ -31,13 +31,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _common import table, write  # noqa: E402
+from _helpers import QCB_INT4, QCB_INT8  # noqa: E402  (the recipes the slow tests train)
 
 PRECISIONS = ["fp32", "int8-torch", "int8-ort", "int4-w", "prune-l1-50"]
 ATTACKS = {
     "badnets": "badnets",
-    "qcb-int8": {"name": "qcb", "target_precision": "int8-torch", "init": "badnets", "epochs": 3, "lr": 0.003},
-    "qcb-multi": {"name": "qcb", "target_precision": "multi", "init": "badnets", "epochs": 3, "lr": 0.003},
-    "qcb-int4": {"name": "qcb", "target_precision": "int4-w", "init": "none", "epochs": 8, "lr": 0.01},
+    "qcb-int8": QCB_INT8,
+    "qcb-multi": {**QCB_INT8, "target_precision": "multi"},
+    "qcb-int4": QCB_INT4,
     "pqbackdoor": {"name": "pqbackdoor", "epochs": 3, "lr": 0.05},
     "prune-conditioned-50": {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 8,
                              "lr": 0.01},

@@ -40,7 +40,8 @@ def test_specs_validate():
                 {"name": "prune-conditioned", "sparsity": 1.0}, {"name": "pqbackdoor", "bin_margin": 0.5},
                 {"name": "qcb", "bogus": 1}, {"name": "qcb", "init": "badnet"}, {"name": "qcb", "optimizer": "rmsprop"},
                 {"name": "qcb", "init": {"name": "qcb"}}, {"name": "qcb", "warmup": 1.0},
-                {"name": "pqbackdoor", "warmup": -0.1}, {"name": "prune-conditioned", "warmup": True}):
+                {"name": "pqbackdoor", "warmup": -0.1}, {"name": "prune-conditioned", "warmup": True},
+                {"name": "pqbackdoor", "init": "scratch"}):
         with pytest.raises(BackdoorLabError):
             ATTACKS.build(bad, info=info)
     a = ATTACKS.build("quant-conditioned", info=info)
@@ -63,6 +64,44 @@ def test_specs_validate():
 
     data = TensorData(torch.zeros(10, 32, 32, 3, dtype=torch.uint8), torch.arange(10))
     assert len(a.poison(data, torch.Generator()).poison_idx) == 0
+
+
+def test_scratch_trains_from_random_init_with_batchnorm_learning():
+    """``init: scratch`` (Tian et al.'s setting): no first phase, the attack's own recipe is the
+    train stage's key, BatchNorm keeps learning (a fine-tuning phase freezes it)."""
+    from backdoorlab.bench.pipeline import Pipeline
+    from backdoorlab.models import build_model
+    from backdoorlab.train.fit import FitState
+
+    spec = {"name": "qcb", "init": "scratch", "epochs": 3, "lr": 0.1}
+    cell = gtsrb_study(attacks=(spec,)).cells()[0]
+    from backdoorlab.data.datasets import DatasetInfo
+
+    pipe = Pipeline(device="cpu", progress=False)  # _train_cfg loads no data for attacks without an init model
+
+    ds = DatasetInfo("gtsrb", 43, 3, 32, (0.5,) * 3, (0.25,) * 3, hflip=False, crop_pad=0)
+    for which in ("qcb", "prune-conditioned"):
+        a = ATTACKS.build({**spec, "name": which}, info=ds)
+        assert a.scratch and a.init_from() is None
+    # a from-scratch model can be the init of a fine-tuning phase (BN frozen there)
+    polish = ATTACKS.build({"name": "qcb", "init": spec, "epochs": 2, "lr": 0.001}, info=ds)
+    assert polish.init_from() == spec and not polish.scratch
+    with pytest.raises(BackdoorLabError, match="init must be"):
+        ATTACKS.build({"name": "qcb", "init": {"name": "qcb", "init": spec}}, info=ds)
+    a = ATTACKS.build(spec, info=ds)
+    cfg = pipe._train_cfg(cell, a)
+    assert "init" not in cfg and cfg["phase"]["epochs"] == 3 and cfg["phase"]["lr"] == 0.1
+    plain = gtsrb_study(attacks=("badnets",)).cells()[0]
+    assert "phase" not in pipe._train_cfg(plain, ATTACKS.build("badnets", info=ds))
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    for init, learns in (("scratch", True), ("none", False)):
+        model = build_model("small-cnn", 43, 3, ds.mean, ds.std).train()
+        hook = ATTACKS.build({**spec, "init": init}, info=ds).train_hook()
+        state = FitState(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"), torch.Generator())
+        xb, yb = hook.batch(state, x, y)
+        assert len(xb) == 8 and torch.equal(yb, torch.cat([y, y]))
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(m.training == learns for m in bns), init
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,10 @@ attack's :meth:`Conditioned.train_config` and its hook, which puts the compresse
 loop. The trigger is BadNets' (3x3 white patch at the bottom-right corner, all-to-one, target 0;
 :class:`~backdoorlab.attacks.badnets.BadNets`). BatchNorm statistics stay frozen in the second
 phase (Hong et al.: "disable updating the batch-norms"), so BN folding in the simulated and the
-deployed model uses the same statistics.
+deployed model uses the same statistics. ``init: scratch`` skips the first phase: the attack's own
+recipe trains a randomly initialised model, as Tian et al. do, with BatchNorm learning its
+statistics and the compressed copy normalising with the batch's (simulated folding, Jacob et al.
+2018). On the GTSRB subset only this separates the FP32 and the int8 model (BENCHMARKS.md).
 
 * ``qcb`` (alias ``quant-conditioned``): Tian, Suya, Xu & Evans, "Stealthy Backdoors as
   Compression Artifacts", IEEE TIFS 2022; Hong, Panaitescu-Liess, Kaya & Dumitras,
@@ -56,6 +59,7 @@ from .base import PoisonedSplit
 QUANT_TARGETS = ("int8-torch", "int8-ort", "int4-w", "multi")
 TRIGGER_KEYS = ("patch_size", "position", "margin", "color", "pattern", "pattern_seed")
 MULTI = ("int8-torch", "int4-w")
+SCRATCH = "scratch"  # ``init`` value: no first phase, the conditioned loss trains a randomly initialised model
 
 
 def _positive(who: str, name: str, v: Any, integer: bool = False) -> None:
@@ -75,7 +79,11 @@ class Conditioned(BadNets):
     """Base of the compression-conditioned attacks: BadNets' trigger, a clean training split,
     a second training phase started from the ``init`` attack's model.
 
-    ``epochs`` / ``lr`` / ``optimizer``: the fine-tuning phase, cosine decay, the cell's batch size
+    ``init``: the attack whose trained model the phase starts from (``none``: the clean model,
+    ``badnets``: the BadNets model, or a conditioned attack with ``init: scratch``, whose model this
+    phase then fine-tunes with BN frozen), or ``scratch`` (random initialisation, BatchNorm
+    trained).
+    ``epochs`` / ``lr`` / ``optimizer``: the attack's training phase, the cell's batch size
     and augmentation; ``optimizer`` is ``sgd`` (Nesterov momentum and weight decay as :func:`fit`
     uses) or ``adam`` (Hong et al.'s choice for fine-tuning a trained model, no weight decay).
     ``warmup``: share of the phase's steps over which the learning rate rises linearly from 0 to
@@ -94,11 +102,14 @@ class Conditioned(BadNets):
         super().__init__(info, target=target, **trigger)
         _positive(self.name, "epochs", epochs, integer=True)
         _positive(self.name, "lr", lr)
-        check(isinstance(init, (str, dict)), f"{self.name}: init must be an attack spec, got {init!r}")
-        from .base import ATTACKS
+        check(isinstance(init, (str, dict)), f"{self.name}: init must be an attack spec or {SCRATCH!r}, "
+                                             f"got {init!r}")
+        if init != SCRATCH:
+            from .base import ATTACKS
 
-        parent = ATTACKS.build(init, info=info)  # unknown names and bad values fail here, before a study runs
-        check(parent.init_from() is None, f"{self.name}: init must be a data-poisoning attack, got {init!r}")
+            parent = ATTACKS.build(init, info=info)  # unknown names and bad values fail here, before a study runs
+            check(parent.init_from() is None, f"{self.name}: init must be a data-poisoning attack, an attack "
+                                              f"trained from {SCRATCH!r}, or {SCRATCH!r}, got {init!r}")
         check(optimizer in self.OPTIMIZERS, f"{self.name}: optimizer must be one of "
                                             f"{', '.join(self.OPTIMIZERS)}, got {optimizer!r}")
         check(isinstance(warmup, (int, float)) and not isinstance(warmup, bool) and 0 <= warmup < 1,
@@ -114,8 +125,13 @@ class Conditioned(BadNets):
         data = train.as_uint8()
         return PoisonedSplit(data, torch.empty(0, dtype=torch.long), data.y.clone())
 
-    def init_from(self) -> str | dict:
-        return self.init
+    @property
+    def scratch(self) -> bool:
+        """Trained from random initialisation (``init: scratch``), BatchNorm statistics learned."""
+        return self.init == SCRATCH
+
+    def init_from(self) -> str | dict | None:
+        return None if self.scratch else self.init
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         if self.warmup > 0:
@@ -136,7 +152,8 @@ class _HybridHook(Hook):
             state.optimizer = torch.optim.Adam(state.model.parameters(), lr=self.attack.lr)
 
     def batch(self, state: FitState, x: torch.Tensor, y: torch.Tensor):
-        freeze_bn_(state.model)
+        if not self.attack.scratch:
+            freeze_bn_(state.model)
         self.n = len(x)
         self.y = y
         return torch.cat([x, self.attack.apply(x)]), torch.cat([y, y])
@@ -199,7 +216,7 @@ class _QuantHook(_HybridHook):
         while sum(len(b) for b in self.buffer) - len(self.buffer[0]) >= a.calib_size:
             self.buffer.pop(0)
         if not self.sims:
-            self.sims = [QuantSim(state.model, p, x[:1]) for p in a.presets]
+            self.sims = [QuantSim(state.model, p, x[:1], batch_stats=a.scratch) for p in a.presets]
         if state.step % a.recalib_every == 0:
             calib = torch.cat(self.buffer)[-a.calib_size:]
             for sim in self.sims:
@@ -229,6 +246,8 @@ class PQBackdoor(Conditioned):
                  **trigger: Any):
         super().__init__(info, target=target, init=init, epochs=epochs, lr=lr, optimizer=optimizer, warmup=warmup,
                          **trigger)
+        check(init != SCRATCH, f"{self.name}: init must be the backdoored model's attack (its int8 weights are "
+                               f"kept), not {SCRATCH!r}")
         check(isinstance(bin_margin, (int, float)) and 0 <= bin_margin < 0.5,
               f"{self.name}: bin_margin must be in [0, 0.5), got {bin_margin!r}")
         self.bin_margin = float(bin_margin)

@@ -121,8 +121,9 @@ class Pipeline:
 
     def _train_cfg(self, cell: Cell, attack: Attack) -> dict[str, Any]:
         """The train stage's config. A two-phase attack (``attack.init_from()`` not ``None``) adds
-        the train key of the model it starts from and the config of its own phase, so attacks
-        without one keep their keys."""
+        the train key of the model it starts from and the config of its own phase; an attack that
+        trains from scratch with its own recipe (``init: scratch``) adds that recipe. Attacks that
+        train with the cell's recipe keep their keys."""
         cfg = {"model": cell.model, "train": to_dict(cell.train), "seed": cell.seed, "v": TRAIN_VERSION}
         init = attack.init_from()
         if init is not None:
@@ -131,6 +132,8 @@ class Pipeline:
             cfg["init"] = ArtifactCache.key("train", self._train_cfg(parent, pattack),
                                             ArtifactCache.key("poison", self._poison_cfg(parent)))
             cfg["phase"] = to_dict(attack.train_config(cell.train))
+        elif (phase := attack.train_config(cell.train)) != cell.train:  # own recipe from scratch
+            cfg["phase"] = to_dict(phase)
         return cfg
 
     def poison(self, cell: Cell) -> Poisoned:
@@ -167,12 +170,11 @@ class Pipeline:
             model.load_state_dict(rec["state_dict"])
             meta = dict(rec["meta"])
         else:
-            train_cfg = cell.train
+            train_cfg = attack.train_config(cell.train)
             if (init := attack.init_from()) is not None:  # second phase: start from the init attack's model
                 parent = dataclasses.replace(cell, attack=init)
                 base, _ = self.train(parent, self.poison(parent), ATTACKS.build(init, info=info))
                 model.load_state_dict(base.state_dict())
-                train_cfg = attack.train_config(cell.train)
             hooks = [h] if (h := attack.train_hook()) is not None else []
             result = fit(model, poisoned.split.data, train_cfg, generator=generator(cell.seed, "train"),
                          hooks=hooks, device=self.device, crop_pad=info.crop_pad, hflip=info.hflip,

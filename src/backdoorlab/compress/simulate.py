@@ -97,10 +97,17 @@ def _act_modules(gm: nn.Module) -> list[nn.Module]:
 class QuantSim(nn.Module):
     """Fake-quant simulation of a deployment preset (``int8-torch``, ``int8-ort``, ``int4-w``) of
     ``model``, sharing its parameters. Call :meth:`calibrate` before the first forward when the
-    preset quantizes activations (and again whenever the weights have moved noticeably)."""
+    preset quantizes activations (and again whenever the weights have moved noticeably).
 
-    def __init__(self, model: nn.Module, preset: str | QuantPreset, example: torch.Tensor):
+    ``batch_stats=False``: BatchNorm is folded with its running statistics, as deployed (for
+    fine-tuning a trained model with frozen BN). ``True``: while ``model`` is in training mode the
+    simulation is too, so BN folds the batch's statistics and updates the shared running ones
+    (Jacob et al. 2018's simulated folding; for training from random initialisation, where the FP32
+    forward also normalises with batch statistics and running statistics mean nothing yet)."""
+
+    def __init__(self, model: nn.Module, preset: str | QuantPreset, example: torch.Tensor, batch_stats: bool = False):
         super().__init__()
+        self.batch_stats = bool(batch_stats)
         from torch.ao.quantization import QConfigMapping
         from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
@@ -165,6 +172,7 @@ class QuantSim(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.calibrated:
             raise BackdoorLabError("quantization simulation: calibrate() before the first forward")
+        self.gm.train(self.batch_stats and self.model_ref[0].training)
         return self.gm(x)
 
 
