@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _common import table, write  # noqa: E402
+from _common import RESULTS, table, write  # noqa: E402
 from _helpers import QCB_INT4, QCB_INT8  # noqa: E402  (the recipes the slow tests train)
 
 PRECISIONS = ["fp32", "int8-torch", "int8-ort", "int4-w", "prune-l1-50"]
@@ -55,6 +55,22 @@ EFRAP = {"name": "efrap", "iters": 1000}
 # the blindspot study's budgets (studies/blindspots.yaml)
 DETECTORS = [{"name": "neural-cleanse", "steps": 100, "batches_per_step": 1, "batch_size": 4},
              {"name": "strip", "threshold_rule": "quantile", "eval_limit": 300}]
+
+
+def merged_rows(path: Path, new: list[dict], ds: dict) -> list[dict]:
+    """The result file's rows with this run's replacing those of the same attack label, so that
+    a run with ``--only`` updates its rows and keeps the others (rows of another dataset
+    configuration are dropped: they would not be comparable)."""
+    import json
+
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return new
+    if old.get("dataset") != ds:
+        return new
+    labels = {r["attack"] for r in new}
+    return [r for r in old.get("rows", []) if r.get("attack") not in labels] + new
 
 
 def detect(ds, spec, deployed: str) -> dict:
@@ -141,7 +157,8 @@ def main() -> None:
         rows.append(row)
         print(f"{label}: {rec}", flush=True)
     name = "compression_backdoors" if args.dataset == "gtsrb" else f"compression_backdoors_{args.dataset}"
-    path = write(name, {"dataset": ds, "model": "small-cnn", "train": GTSRB_TRAIN, "rows": out})
+    path = write(name, {"dataset": ds, "model": "small-cnn", "train": GTSRB_TRAIN,
+                        "rows": merged_rows(RESULTS / f"{name}.json", out, ds)})
     print(table(["attack", *[f"{p} CA / ASR" for p in PRECISIONS]], rows))
     det_rows = []
     for rec in out:
