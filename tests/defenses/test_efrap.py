@@ -106,7 +106,8 @@ def _repair_conditioned(spec: dict, precision: str):
     return t, before, repaired, evaluate(repaired, t.bundle.test, t.attack), facts
 
 
-# Issue 5 thresholds are not met yet on 2 CPU cores (see BENCHMARKS.md): on demand, `pytest -m slow`.
+# Fails (BENCHMARKS.md): the int8 backdoor rides on the activation grid, which this EFRAP keeps;
+# ASR 0.967 -> 0.950. On demand: `pytest -m slow`.
 @pytest.mark.slow
 def test_efrap_removes_the_int8_conditioned_backdoor():
     t, before, repaired, after, facts = _repair_conditioned(QCB_INT8, "int8-torch")
