@@ -62,6 +62,36 @@ def _linear_op(m: nn.Module):
     return lambda inp, weight: F.linear(inp, weight)
 
 
+class _SurrogateLayer:
+    """Layer ``k`` (graph order) of the fake-quant surrogate of an int8 FX artifact: ``root`` (the
+    whole surrogate), ``layer`` (its float conv / linear), ``post`` (bias, then the rest of the
+    quantized module: ReLU if fused, the output activation fake-quant) and ``fp_post`` (bias and
+    ReLU only: what the FP32 model applies)."""
+
+    def __init__(self, root: nn.Module, seq: nn.Sequential):
+        self.root, self.layer = root, seq[0]
+        b = self.layer.bias.detach() if self.layer.bias is not None else None
+        shape = (1, -1) + (1,) * (self.layer.weight.ndim - 2)
+        rest = list(seq)[1:]
+        relu = [m for m in rest if isinstance(m, nn.ReLU)]
+
+        def add_bias(z: torch.Tensor) -> torch.Tensor:
+            return z if b is None else z + b.view(shape)
+
+        self.post = lambda z: nn.Sequential(*rest)(add_bias(z))
+        self.fp_post = lambda z: nn.Sequential(*relu)(add_bias(z))
+
+
+def _surrogate_layer(q: nn.Module, k: int, weight_shape: torch.Size) -> _SurrogateLayer:
+    from ...compress.surrogate import fx_surrogate
+
+    root = fx_surrogate(q).eval()
+    seqs = [c for c in root.children() if isinstance(c, nn.Sequential) and isinstance(c[0], (nn.Conv2d, nn.Linear))]
+    check(k < len(seqs) and seqs[k][0].weight.shape == weight_shape,
+          "efrap: the int8 artifact's surrogate does not line up with its quantized layers")
+    return _SurrogateLayer(root, seqs[k])
+
+
 @torch.no_grad()
 def _layer_inputs(model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
     """The input of every module in ``layers`` when ``model`` runs on ``x``."""
@@ -102,13 +132,15 @@ class EFRAP(Remover):
     # ------------------------------------------------------------------ the rounding
     def round_layer(self, w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, fwd, qmin: int = -128,
                     qmax: int = 127, deployed: torch.Tensor | None = None,
-                    target: torch.Tensor | None = None) -> torch.Tensor:
+                    target: torch.Tensor | None = None, post=None) -> torch.Tensor:
         """Integer weights for one layer. ``w``: folded FP32 weight ``(O, ...)``; ``s``: ``(O,)``
         scales; ``x``: the layer's clean inputs (from the partly repaired model); ``fwd(x, w)``:
         the layer's linear op; ``[qmin, qmax]``: the integer range (int8, or int4's [-8, 7]);
         ``deployed``: the artifact's own integers, the round-to-nearest reference (its BN folding
         may differ from ``w`` in the last float bit, which moves a weight at a rounding tie);
-        ``target``: the FP32 layer's output on the same images (default ``fwd(x, w)``)."""
+        ``target``: the FP32 layer's output on the same images (default ``fwd(x, w)``);
+        ``post``: what the deployment applies to ``fwd(x, w_hat)`` before the next layer (bias,
+        ReLU and the output's activation fake-quant for ``int8-torch``; default: nothing)."""
         shape = (-1,) + (1,) * (w.ndim - 1)
         sv = s.view(shape)
         base = torch.floor(w / sv)
@@ -131,7 +163,8 @@ class EFRAP(Remover):
             idx = torch.randint(len(x), (bs,), generator=g)  # a random mini-batch per step, as MQBench
             h = torch.sigmoid(alpha)
             wq = sv * torch.clamp(base + h, qmin, qmax)
-            rec = (fwd(x[idx], wq) - target[idx]).pow(2).sum(1).mean()  # lp_loss
+            out = fwd(x[idx], wq)
+            rec = ((out if post is None else post(out)) - target[idx]).pow(2).sum(1).mean()  # lp_loss
             ce = -(flip * torch.log(h + 1e-8) + (1 - flip) * torch.log(1 - h + 1e-8))
             loss = rec + self.penalty * (error * ce).sum() + self.lam * (1 - (2 * h - 1).pow(2)).sum()
             opt.zero_grad()
@@ -198,15 +231,15 @@ class EFRAP(Remover):
         clf = compress(spec, model, calib=ctx.clean, device=ctx.device)
         q = clf.module.inner  # the converted FX GraphModule (DualOutput(q))
 
-        # FP32 inputs of every conv / linear on the clean data; ``work`` takes each layer's repaired
-        # weights (dequantized, BN unfolded) as it is done, and gives the next layer its input
+        # FP32 inputs of every conv / linear on the clean data (the reconstruction targets); each
+        # layer's own input comes from the partly repaired *int8* model, activations quantized as
+        # deployed (its fake-quant surrogate, rebuilt after every layer), as in MQBench
         layers = {name: m for name, m in model.named_modules() if isinstance(m, CONV + LINEAR)}
         fp_inputs = _layer_inputs(model, list(layers.values()), x)
         fold = _folded_scale(model)
-        work = copy.deepcopy(model)
-        work_mods = dict(work.named_modules())
-
         qmods = dict(q.named_modules())
+        order = [n.target for n in q.graph.nodes
+                 if n.op == "call_module" and hasattr(qmods[n.target], "set_weight_bias")]
         changed, total = 0, 0
         with ao_quiet():
             for name, m in layers.items():
@@ -222,11 +255,11 @@ class EFRAP(Remover):
                 op = _linear_op(m)
                 with torch.no_grad():
                     target = op(fp_inputs[m], w)
-                wm = work_mods[name]
-                ints = self.round_layer(w, s, _layer_inputs(work, [wm], x)[wm], op, deployed=old, target=target)
-                with torch.no_grad():  # where BN's gamma is 0 the folded weight is 0 whatever w is
-                    av = a.view(shape)
-                    wm.weight.copy_(torch.where(av != 0, s.view(shape) * ints / av.where(av != 0, 1), wm.weight))
+                seq = _surrogate_layer(q, order.index(f"model.{name}"), w.shape)
+                xin = _layer_inputs(seq.root, [seq.layer], x)[seq.layer]
+                with torch.no_grad():
+                    target = seq.fp_post(target)
+                ints = self.round_layer(w, s, xin, op, deployed=old, target=target, post=seq.post)
                 changed += int((ints != old).sum())  # the artifact rounds to nearest: changed = not nearest
                 total += ints.numel()
                 new = torch._make_per_channel_quantized_tensor(ints.to(torch.int8), wq.q_per_channel_scales(),
