@@ -72,14 +72,14 @@ class _SurrogateLayer:
         self.root, self.layer = root, seq[0]
         b = self.layer.bias.detach() if self.layer.bias is not None else None
         shape = (1, -1) + (1,) * (self.layer.weight.ndim - 2)
-        rest = list(seq)[1:]
-        relu = [m for m in rest if isinstance(m, nn.ReLU)]
+        rest = nn.Sequential(*list(seq)[1:])
+        relu = nn.Sequential(*[m for m in rest if isinstance(m, nn.ReLU)])
 
         def add_bias(z: torch.Tensor) -> torch.Tensor:
             return z if b is None else z + b.view(shape)
 
-        self.post = lambda z: nn.Sequential(*rest)(add_bias(z))
-        self.fp_post = lambda z: nn.Sequential(*relu)(add_bias(z))
+        self.post = lambda z: rest(add_bias(z))
+        self.fp_post = lambda z: relu(add_bias(z))
 
 
 def _surrogate_layer(q: nn.Module, k: int, weight_shape: torch.Size) -> _SurrogateLayer:
