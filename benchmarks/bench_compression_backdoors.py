@@ -5,7 +5,10 @@ int8-conditioned model. Writes benchmarks/results/compression_backdoors[_<datase
 prints a markdown table.
 
 Usage: python benchmarks/bench_compression_backdoors.py [--dataset gtsrb|cifar10] [--skip-efrap]
-       [--only LABEL ...] [--detect]
+       [--only LABEL ...] [--detect] [--anatomy]
+       ``--anatomy``: where each int8 backdoor lives (weights' rounding, activations' rounding or
+       clipping, per activation quantizer; :mod:`backdoorlab.compress.anatomy`), for the
+       ``int8-torch`` and ``int8-ort`` artifacts and for EFRAP's repaired one
        (needs BACKDOORLAB_DATA; trained models are cached under BACKDOORLAB_HOME)
 
 Published figures (for orientation; other models, datasets and triggers):
@@ -105,6 +108,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="attack labels to run (default: all)")
     ap.add_argument("--detect", action="store_true",
                     help="also run Neural Cleanse and STRIP at FP32 and at the targeted precision")
+    ap.add_argument("--anatomy", action="store_true",
+                    help="ablate the int8 artifacts' activation quantization (where does the backdoor live?)")
     args = ap.parse_args()
 
     import torch
@@ -113,6 +118,7 @@ def main() -> None:
     from backdoorlab.bench.pipeline import Pipeline, evaluate
     from backdoorlab.bench.study import Study
     from backdoorlab.compress import compress
+    from backdoorlab.compress.anatomy import anatomy_table, quantization_anatomy
     from backdoorlab.defenses import DEFENSES, DefenseContext
 
     ds = GTSRB_SUBSET if args.dataset == "gtsrb" else {"name": "cifar10", "train_limit": 10000, "test_limit": 2000}
@@ -134,8 +140,11 @@ def main() -> None:
         rec = {"attack": label, "spec": spec, "train_wall_s": train_wall, "precisions": {}}
         for p in PRECISIONS:
             try:
-                m = evaluate(compress(p, t.model, calib=t.poisoned.holdout), t.bundle.test, t.attack)
+                clf = compress(p, t.model, calib=t.poisoned.holdout)
+                m = evaluate(clf, t.bundle.test, t.attack)
                 rec["precisions"][p] = {"ca": m["ca"], "asr": m["asr"]}
+                if args.anatomy and p in ("int8-torch", "int8-ort") and label != "none":
+                    rec.setdefault("anatomy", {})[p] = quantization_anatomy(clf, t.bundle.test, t.attack)
             except Exception as exc:  # one failing precision must not lose the others
                 rec["precisions"][p] = {"error": f"{type(exc).__name__}: {exc}"}
         if label in EFRAP_AT and not args.skip_efrap:
@@ -147,6 +156,9 @@ def main() -> None:
             m = evaluate(repaired, t.bundle.test, t.attack)
             rec["efrap"] = {"precision": EFRAP_AT[label], "ca": m["ca"], "asr": m["asr"],
                             "wall_s": time.perf_counter() - t1, **facts}
+            if args.anatomy and EFRAP_AT[label] == "int8-torch":
+                rec.setdefault("anatomy", {})["int8-torch/efrap"] = quantization_anatomy(repaired, t.bundle.test,
+                                                                                         t.attack)
         if args.detect and label in DEPLOYED:
             rec["detection"] = detect(ds, spec, DEPLOYED[label])
         out.append(rec)
@@ -169,6 +181,9 @@ def main() -> None:
             det_rows.append([rec["attack"], prec, name, verdict, d["score"], d["flagged"], d["auroc"]])
     if det_rows:
         print(table(["attack", "precision", "defense", "verdict", "score", "flagged", "AUROC"], det_rows))
+    for rec in out:
+        for prec, res in rec.get("anatomy", {}).items():
+            print(f"\nWhere the {rec['attack']} backdoor lives in {prec}:\n{anatomy_table(res)}")
     for rec in out:
         if "efrap" in rec:
             e = rec["efrap"]

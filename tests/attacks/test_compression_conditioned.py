@@ -121,6 +121,22 @@ def test_qcb_int8_is_dormant_in_fp32_and_wakes_in_int8(qcb):
     assert fp32["ca"] >= ca_clean - 0.02, (fp32, ca_clean)
     assert int8["asr"] >= 0.90, int8
 
+
+# Where that backdoor lives (BENCHMARKS.md): not in the weights' rounding (int8 weights with float
+# activations keep ASR at the FP32 level) but in the clipping of a few activation quantizers; with
+# those left unclipped, the int8 model loses it. On demand with the model above: `pytest -m slow`.
+@pytest.mark.slow
+def test_qcb_int8_backdoor_rides_on_activation_clipping(qcb):
+    from backdoorlab.compress.anatomy import anatomy_table, quantization_anatomy
+
+    clf = compress("int8-torch", qcb.model, calib=qcb.poisoned.holdout)
+    res = quantization_anatomy(clf, qcb.bundle.test, qcb.attack)
+    table = anatomy_table(res)
+    assert res["deployed_asr"] >= 0.90 and res["agreement"] >= 0.99, table
+    assert res["weights_asr"] <= 0.10, table
+    assert res["modes"]["clip"]["asr"] >= 0.90 and res["modes"]["round"]["asr"] <= 0.10, table
+    assert res["carriers"] and res["carriers_unclipped_asr"] <= 0.10, table
+
 # Holds (BENCHMARKS.md), but its 7-minute training does not fit CI's 20-minute budget: `pytest -m slow`.
 @pytest.mark.slow
 def test_prune_conditioned_wakes_at_its_sparsity():

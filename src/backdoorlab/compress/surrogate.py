@@ -123,10 +123,13 @@ def fx_surrogate(q: fx.GraphModule) -> fx.GraphModule:
             return v
         return a
 
-    def add_module(m: nn.Module, arg: fx.Node) -> fx.Node:
+    def add_module(m: nn.Module, arg: fx.Node, source: str) -> fx.Node:
         nonlocal n_mod
         name = f"m{n_mod}"
         n_mod += 1
+        for fq in m.modules():  # name each activation quantizer after the artifact node it replays
+            if isinstance(fq, FakeQuant):
+                fq.source = source
         root.add_module(name, m)
         return graph.call_module(name, (arg,))
 
@@ -151,7 +154,7 @@ def fx_surrogate(q: fx.GraphModule) -> fx.GraphModule:
             x, s, z, dt = node.args
             lo, hi = _QDTYPE_RANGE[dt]
             scale, zp = float(val(s)), int(val(z))
-            env[node] = add_module(FakeQuant(scale, zp, lo, hi), env[x])
+            env[node] = add_module(FakeQuant(scale, zp, lo, hi), env[x], f"quantize({x.name})")
             qp[node] = (scale, zp)
         elif node.op == "call_method" and node.target == "dequantize":
             env[node] = env[first]
@@ -165,19 +168,20 @@ def fx_surrogate(q: fx.GraphModule) -> fx.GraphModule:
             if op not in fns:
                 raise BackdoorLabError(f"no fake-quant surrogate for quantized op {node.target}")
             y = graph.call_function(fns[op], (env[a], mapped(b)))
-            env[node] = add_module(FakeQuant(scale, zp, 0, 255), y)
+            env[node] = add_module(FakeQuant(scale, zp, 0, 255), y, node.name)
             qp[node] = (scale, zp)
         elif node.op == "call_module":
             m = q.get_submodule(node.target)
             rep = _quantized_module(m)
             if rep is not None:
-                env[node] = add_module(rep, env[first])
+                env[node] = add_module(rep, env[first], str(node.target))
                 qp[node] = (float(m.scale), int(m.zero_point)) if hasattr(m, "scale") else qp.get(first)
             else:
-                y = add_module(copy.deepcopy(m), env[first])
+                y = add_module(copy.deepcopy(m), env[first], str(node.target))
                 qin = qp.get(first)
                 if qin is not None and isinstance(m, _REROUND_MODULES):
-                    y = add_module(FakeQuant(qin[0], qin[1], 0, 255), y)  # quantized avg-pool re-rounds
+                    # a quantized average pool re-rounds
+                    y = add_module(FakeQuant(qin[0], qin[1], 0, 255), y, str(node.target))
                 env[node] = y
                 qp[node] = qin if isinstance(m, _PASS_MODULES + _REROUND_MODULES) else None
         elif node.op in ("call_function", "call_method"):
@@ -257,9 +261,10 @@ class OnnxQDQModule(nn.Module):
                 lo, hi = qrange(8, signed.get(n.input[2], False) if len(n.input) > 2 else False)
                 zp = consts[n.input[2]] if len(n.input) > 2 and n.input[2] else torch.zeros((), dtype=torch.int64)
                 name = f"fq{len(fq_of)}"
-                self.add_module(name, FakeQuant(s.reshape(()) if s.numel() == 1 else s, zp.reshape(())
-                                                if zp.numel() == 1 else zp, lo, hi,
-                                                None if s.numel() == 1 else a.get("axis", 1)))
+                fq = FakeQuant(s.reshape(()) if s.numel() == 1 else s, zp.reshape(()) if zp.numel() == 1 else zp,
+                               lo, hi, None if s.numel() == 1 else a.get("axis", 1))
+                fq.source = f"quantize({n.input[0]})"  # the tensor it quantizes, named as in the graph
+                self.add_module(name, fq)
                 fq_of[n.output[0]] = name
                 self.steps.append(("FakeQuant", [n.input[0]], [n.output[0]], {"module": name}))
                 continue
