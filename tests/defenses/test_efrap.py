@@ -106,8 +106,9 @@ def _repair_conditioned(spec: dict, precision: str):
     return t, before, repaired, evaluate(repaired, t.bundle.test, t.attack), facts
 
 
-# Fails (BENCHMARKS.md): the int8 backdoor rides on the activation grid, which this EFRAP keeps;
-# ASR 0.967 -> 0.950. On demand: `pytest -m slow`.
+# Fails (BENCHMARKS.md): the int8 backdoor is carried by the clipping of one layer's activations
+# (tests/attacks: test_qcb_int8_backdoor_rides_on_activation_clipping), which a weight-rounding
+# repair leaves in place; ASR 0.967 -> 0.946. On demand: `pytest -m slow`.
 @pytest.mark.slow
 def test_efrap_removes_the_int8_conditioned_backdoor():
     t, before, repaired, after, facts = _repair_conditioned(QCB_INT8, "int8-torch")

@@ -36,6 +36,14 @@ per-channel ``int4-w`` deployment is repaired on its own grid (4-bit symmetric s
 BN-folded weights) and rebuilt as ``int4-w``. An artifact of another precision is a one-line
 error.
 
+What it cannot reach: a backdoor carried by the *clipping* of activations. The int8-conditioned
+model of the tests (``qcb``, trained from scratch) wakes up because one layer's triggered
+activations reach about 3x the top of its calibrated range and are cut back there (int8 weights
+with float activations: ASR 0.08; that layer left unclipped: 0.10; see
+:func:`backdoorlab.compress.anatomy.quantization_anatomy` and BENCHMARKS.md). Flipping weight
+roundings leaves that clip in place, and clean-data reconstruction never sees it (clean
+activations stay within the range), so EFRAP leaves that model's int8 ASR at about 0.95.
+
 Data: the defender's clean holdout ``ctx.clean`` (5% of the training set). Shapes: layer inputs
 are captured as ``(N, C, H, W)`` (conv) or ``(N, D)`` (linear) float tensors from the FP32 model
 (BN folded), images ``(N, C, H, W)`` float in [0, 1].
