@@ -75,9 +75,9 @@ def _apply_mode(fq: FakeQuant, x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def activation_quantizers(module: nn.Module) -> list[tuple[str, FakeQuant]]:
-    """The activation quantizers of a surrogate, in execution order of registration, each named by
-    the artifact node it replays (``source``; the module name if the surrogate did not record
-    one)."""
+    """The activation quantizers of a surrogate in graph order (both surrogates register them as
+    they walk the artifact's graph), each named by the artifact node it replays (``source``; the
+    module name if the surrogate did not record one)."""
     return [(getattr(m, "source", name) or name, m) for name, m in module.named_modules()
             if isinstance(m, FakeQuant)]
 
