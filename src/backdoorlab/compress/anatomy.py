@@ -175,11 +175,12 @@ def quantization_anatomy(clf: Classifier, test: Any, attack: Any, batch_size: in
                        "reach_clean": rc[0], "reach_triggered": rt[0],
                        "clipped_clean": rc[1] / max(rc[2], 1), "clipped_triggered": rt[1] / max(rt[2], 1)})
     out["layers"] = layers
-    out["carriers"] = [ly["name"] for ly in layers if deployed > 0 and ly["clip_alone_asr"] >= 0.5 * deployed
-                       and ly["clip_alone_asr"] > out["weights_asr"]]
+    carriers = [i for i, ly in enumerate(layers) if deployed > 0 and ly["clip_alone_asr"] >= 0.5 * deployed
+                and ly["clip_alone_asr"] > out["weights_asr"]]
+    out["carriers"] = [names[i] for i in carriers]
     # the check: every carrier unclipped, everything else as deployed
-    spared = ["round" if n in out["carriers"] else "deployed" for n in names]
-    out["carriers_unclipped_asr"] = run(spared, clean=False)["asr"] if out["carriers"] else deployed
+    spared = ["round" if i in carriers else "deployed" for i in range(k)]
+    out["carriers_unclipped_asr"] = run(spared, clean=False)["asr"] if carriers else deployed
     return out
 
 
