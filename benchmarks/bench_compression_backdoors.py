@@ -63,7 +63,9 @@ DETECTORS = [{"name": "neural-cleanse", "steps": 100, "batches_per_step": 1, "ba
 def merged_rows(path: Path, new: list[dict], ds: dict) -> list[dict]:
     """The result file's rows with this run's replacing those of the same attack label, so that
     a run with ``--only`` updates its rows and keeps the others (rows of another dataset
-    configuration are dropped: they would not be comparable)."""
+    configuration are dropped: they would not be comparable). A row of the same attack and spec
+    keeps the parts this run did not measure (``detection`` without ``--detect``, ``efrap`` with
+    ``--skip-efrap``, ``anatomy`` without ``--anatomy``)."""
     import json
 
     try:
@@ -72,8 +74,14 @@ def merged_rows(path: Path, new: list[dict], ds: dict) -> list[dict]:
         return new
     if old.get("dataset") != ds:
         return new
+    prev = {r.get("attack"): r for r in old.get("rows", [])}
+    merged = []
+    for r in new:
+        o = prev.get(r["attack"])
+        same = o is not None and json.dumps(o.get("spec"), sort_keys=True) == json.dumps(r["spec"], sort_keys=True)
+        merged.append({**o, **r} if same else r)
     labels = {r["attack"] for r in new}
-    return [r for r in old.get("rows", []) if r.get("attack") not in labels] + new
+    return [r for r in old.get("rows", []) if r.get("attack") not in labels] + merged
 
 
 def detect(ds, spec, deployed: str) -> dict:
