@@ -102,6 +102,8 @@ def quantization_anatomy(clf: Classifier, test: Any, attack: Any, batch_size: in
     "layers": [...], "carriers": [...], "carriers_unclipped_asr", "weights_asr", "deployed_asr",
     "agreement"}`` as described in the module docstring (``carriers_unclipped_asr``: the ASR with
     every carrier left unclipped and the rest as deployed)."""
+    check(limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0),
+          f"quantization anatomy: limit must be a positive integer, got {limit!r}")
     sur = getattr(clf, "surrogate", None)
     check(sur is not None, f"quantization anatomy needs an int8 artifact with a fake-quant surrogate; "
                            f"the {clf.precision} classifier has none")
@@ -117,25 +119,9 @@ def quantization_anatomy(clf: Classifier, test: Any, attack: Any, batch_size: in
     xt = attack.apply(x[counted])
     target = attack.target_labels(y[counted])
 
-    def top1(images: torch.Tensor, c: Classifier) -> torch.Tensor:
-        out = [c.logits(images[i:i + batch_size]).argmax(1).cpu() for i in range(0, len(images), batch_size)]
-        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-    def run(modes: list[str], clean: bool = True) -> dict[str, float]:
-        with torch.no_grad(), _modes(fqs, modes):
-            res = {"asr": asr(top1(xt, sur), target)}
-            if clean:
-                res["ca"] = clean_acc(top1(x, sur), y)
-        return res
-
     k = len(fqs)
-    out: dict[str, Any] = {"modes": {m: run([m] * k) for m in MODES}, "quantizers": names}
-    deployed = out["modes"]["deployed"]["asr"]
-    out["deployed_asr"], out["weights_asr"] = deployed, out["modes"]["none"]["asr"]
-    with torch.no_grad():  # the surrogate against the artifact itself, on the triggered images
-        out["agreement"] = float((top1(xt, sur) == top1(xt, clf)).float().mean()) if len(xt) else float("nan")
-
-    # how far clean and triggered activations reach past each quantizer's range (as deployed)
+    # how far clean and triggered activations reach past each quantizer's range: recorded by hooks
+    # during the deployed-mode pass, which also gives that mode's CA and ASR
     reach: dict[int, dict[str, list[float]]] = {i: {"clean": [0.0, 0.0, 0.0], "trig": [0.0, 0.0, 0.0]}
                                                 for i in range(k)}
     which = {"key": "clean"}
@@ -155,13 +141,27 @@ def quantization_anatomy(clf: Classifier, test: Any, attack: Any, batch_size: in
 
     hooks = [fq.register_forward_hook(stat(i)) for i, fq in enumerate(fqs)]
     try:
-        with torch.no_grad():
-            top1(x, sur)
-            which["key"] = "trig"
-            top1(xt, sur)
+        pred_clean = sur.predict(x, batch_size)
+        which["key"] = "trig"
+        pred_trig = sur.predict(xt, batch_size)
     finally:
         for h in hooks:
             h.remove()
+
+    def run(modes: list[str], clean: bool = True) -> dict[str, float]:
+        with _modes(fqs, modes):
+            res = {"asr": asr(sur.predict(xt, batch_size), target)}
+            if clean:
+                res["ca"] = clean_acc(sur.predict(x, batch_size), y)
+        return res
+
+    modes = {"deployed": {"asr": asr(pred_trig, target), "ca": clean_acc(pred_clean, y)}}
+    modes.update({m: run([m] * k) for m in MODES if m != "deployed"})
+    out: dict[str, Any] = {"modes": modes, "quantizers": names}
+    deployed = modes["deployed"]["asr"]
+    out["deployed_asr"], out["weights_asr"] = deployed, modes["none"]["asr"]
+    # the surrogate against the artifact itself, on the triggered images
+    out["agreement"] = float((pred_trig == clf.predict(xt, batch_size)).float().mean()) if len(xt) else float("nan")
 
     layers = []
     for i, name in enumerate(names):
