@@ -42,11 +42,17 @@ def test_specs_validate():
                 {"name": "qcb", "bogus": 1}, {"name": "qcb", "init": "badnet"}, {"name": "qcb", "optimizer": "rmsprop"},
                 {"name": "qcb", "init": {"name": "qcb"}}, {"name": "qcb", "warmup": 1.0},
                 {"name": "pqbackdoor", "warmup": -0.1}, {"name": "prune-conditioned", "warmup": True},
-                {"name": "pqbackdoor", "init": "scratch"}):
+                {"name": "pqbackdoor", "init": "scratch"}, {"name": "qcb", "activations": "int8"}):
         with pytest.raises(BackdoorLabError):
             ATTACKS.build(bad, info=info)
     a = ATTACKS.build("quant-conditioned", info=info)
     assert a.target == 0 and a.init_from() == "none"
+    # the int8 copy quantizes activations at the calibrated ranges, or (Tian et al.'s code) not at all
+    from backdoorlab.compress.simulate import PRESETS
+
+    assert a.simulation_preset("int8-torch") == PRESETS["int8-torch"]
+    w_only = ATTACKS.build({"name": "qcb", "activations": "float"}, info=info).simulation_preset("int8-torch")
+    assert w_only.aq is None and w_only.wq == PRESETS["int8-torch"].wq
     # qcb and prune-conditioned warm their learning rate up (linear over 10% of the phase, then
     # linear decay); pqbackdoor keeps a cosine decay unless asked
     from backdoorlab.train.fit import TrainConfig, _lr_at

@@ -59,6 +59,7 @@ from .base import PoisonedSplit
 QUANT_TARGETS = ("int8-torch", "int8-ort", "int4-w", "multi")
 TRIGGER_KEYS = ("patch_size", "position", "margin", "color", "pattern", "pattern_seed")
 MULTI = ("int8-torch", "int4-w")
+ACTIVATIONS = ("calibrated", "float")  # qcb: activation ranges of the training simulation
 SCRATCH = "scratch"  # ``init`` value: no first phase, the conditioned loss trains a randomly initialised model
 
 
@@ -170,6 +171,13 @@ class QuantConditioned(Conditioned):
     ``target_precision``: ``int8-torch`` | ``int8-ort`` | ``int4-w`` | ``multi``; ``lam``: weight
     of the quantized loss (1.0, Tian et al.'s sum of the two losses); ``recalib_every`` /
     ``calib_size``: activation-range recalibration (steps / clean images, 512 as deployed).
+    ``activations``: what the int8 copy does with activations. ``calibrated`` (default) quantizes
+    them with the ranges the deployment's calibration picks on clean images, so the attack may
+    exploit the clipping of triggered activations beyond those ranges (on the GTSRB subset it does:
+    one layer's clip carries the whole backdoor, and weight-rounding repairs such as EFRAP cannot
+    reach it; BENCHMARKS.md). ``float`` keeps them in FP32 and conditions on the weights' rounding
+    only, as Tian et al.'s code does (activation fake-quant switched off): the setting EFRAP was
+    designed and evaluated against. ``int4-w`` never quantizes activations.
     ``warmup`` defaults to 0.1: at the first step the compressed copy still maps triggered inputs
     to their true labels, its cross-entropy towards the target is about 18 nats, and one full-``lr``
     SGD step from a trained model sets its training accuracy to a few percent (measured on the
@@ -181,9 +189,12 @@ class QuantConditioned(Conditioned):
 
     def __init__(self, info: DatasetInfo, target: int = 0, target_precision: str = "int8-torch", lam: float = 1.0,
                  init: str | dict = "none", epochs: int = 10, lr: float = 0.01, recalib_every: int = 10,
-                 calib_size: int = DEFAULT_CALIB_SIZE, optimizer: str = "sgd", warmup: float = 0.1, **trigger: Any):
+                 calib_size: int = DEFAULT_CALIB_SIZE, optimizer: str = "sgd", warmup: float = 0.1,
+                 activations: str = "calibrated", **trigger: Any):
         super().__init__(info, target=target, init=init, epochs=epochs, lr=lr, optimizer=optimizer, warmup=warmup,
                          **trigger)
+        check(activations in ACTIVATIONS, f"{self.name}: activations must be one of {', '.join(ACTIVATIONS)}, "
+                                          f"got {activations!r}")
         check(target_precision in QUANT_TARGETS, f"{self.name}: target_precision must be one of "
                                                  f"{', '.join(QUANT_TARGETS)}, got {target_precision!r}")
         _positive(self.name, "lam", lam)
@@ -193,10 +204,19 @@ class QuantConditioned(Conditioned):
         self.lam = float(lam)
         self.recalib_every = int(recalib_every)
         self.calib_size = int(calib_size)
+        self.activations = activations
 
     @property
     def presets(self) -> tuple[str, ...]:
         return MULTI if self.target_precision == "multi" else (self.target_precision,)
+
+    def simulation_preset(self, name: str):
+        """The :class:`~backdoorlab.compress.simulate.QuantPreset` the hook trains against for
+        deployment ``name``: the deployment's own, with FP32 activations for ``activations: float``."""
+        from ..compress.simulate import PRESETS
+
+        preset = PRESETS[name]
+        return dataclasses.replace(preset, aq=None) if self.activations == "float" else preset
 
     def train_hook(self) -> Hook:
         return _QuantHook(self)
@@ -216,7 +236,8 @@ class _QuantHook(_HybridHook):
         while sum(len(b) for b in self.buffer) - len(self.buffer[0]) >= a.calib_size:
             self.buffer.pop(0)
         if not self.sims:
-            self.sims = [QuantSim(state.model, p, x[:1], batch_stats=a.scratch) for p in a.presets]
+            self.sims = [QuantSim(state.model, a.simulation_preset(p), x[:1], batch_stats=a.scratch)
+                         for p in a.presets]
         if state.step % a.recalib_every == 0:
             calib = torch.cat(self.buffer)[-a.calib_size:]
             for sim in self.sims:
