@@ -27,7 +27,7 @@ def test_bad_hyperparameters_are_one_line_errors_before_anything_runs(params):
 
 def test_defaults_are_the_papers():
     # the paper's 4-point stopping rule and "a few epochs at a small learning rate" (lr 0.001:
-    # BackdoorBench's 0.01 re-teaches BadNets on a 300-image holdout, module docstring)
+    # BackdoorBench's 0.01 brings BadNets back on a 300-image holdout, module docstring)
     DEFENSES.validate("fine-pruning")
     DEFENSES.validate({"name": "fine-pruning", "prune_ratio": 0.8, "epochs": 0})
     fp = DEFENSES.build("fine-pruning")

@@ -28,7 +28,7 @@ Here:
   at a small learning rate; fine-pruning is meant to be far cheaper than retraining; 1/100 of
   the 0.1 the lab trains with). BackdoorBench's ``config/defense/fp`` uses ``lr=0.01``, but for
   100 epochs over 5% of the training set at batch 256. With ``lr=0.01`` and 10 epochs on the
-  300-image holdout of the GTSRB tests, fine-tuning *re-teaches* the backdoor that pruning had
+  300-image holdout of the GTSRB tests, fine-tuning brings back the backdoor that pruning had
   removed: pruning alone gives ASR 0.000 (CA 0.911), after fine-tuning ASR is 0.21-0.37 depending
   on the machine's float rounding. With ``lr=0.001`` the result is ASR 0.000 and CA 0.947
   (BENCHMARKS.md). A :class:`KeepPruned` hook re-zeroes the pruned channels after every
