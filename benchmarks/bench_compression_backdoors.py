@@ -34,12 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _common import RESULTS, table, write  # noqa: E402
-from _helpers import QCB_INT4, QCB_INT8  # noqa: E402  (the recipes the slow tests train)
+from _helpers import QCB_INT4, QCB_INT8, QCB_INT8_W  # noqa: E402  (the recipes the slow tests train)
 
 PRECISIONS = ["fp32", "int8-torch", "int8-ort", "int4-w", "prune-l1-50"]
 ATTACKS = {
     "badnets": "badnets",
     "qcb-int8": QCB_INT8,
+    "qcb-int8-w": QCB_INT8_W,
     "qcb-multi": {**QCB_INT8, "target_precision": "multi"},
     "qcb-int4": QCB_INT4,
     "pqbackdoor": {"name": "pqbackdoor", "epochs": 3, "lr": 0.05},
@@ -49,10 +50,10 @@ ATTACKS = {
 
 
 # the precision each attack targets (detection is run at FP32 and there)
-DEPLOYED = {"badnets": "int8-torch", "qcb-int8": "int8-torch", "qcb-multi": "int8-torch", "qcb-int4": "int4-w",
-            "pqbackdoor": "int8-torch", "prune-conditioned-50": "prune-l1-50"}
+DEPLOYED = {"badnets": "int8-torch", "qcb-int8": "int8-torch", "qcb-int8-w": "int8-torch", "qcb-multi": "int8-torch",
+            "qcb-int4": "int4-w", "pqbackdoor": "int8-torch", "prune-conditioned-50": "prune-l1-50"}
 # where EFRAP repairs each quantization-conditioned model (its targeted deployment)
-EFRAP_AT = {"qcb-int8": "int8-torch", "qcb-int4": "int4-w"}
+EFRAP_AT = {"qcb-int8": "int8-torch", "qcb-int8-w": "int8-torch", "qcb-int4": "int4-w"}
 # the reference code's 10000 steps per layer take ~15 min on 2 CPU cores; 1000 meet the thresholds (90 s)
 EFRAP = {"name": "efrap", "iters": 1000}
 # the blindspot study's budgets (studies/blindspots.yaml)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import QCB_INT4, QCB_INT8, Trained, gtsrb_study, trained_gtsrb
+from _helpers import QCB_INT4, QCB_INT8, QCB_INT8_W, Trained, gtsrb_study, trained_gtsrb
 
 from backdoorlab.attacks import ATTACKS
 from backdoorlab.bench.pipeline import evaluate
@@ -143,6 +143,40 @@ def test_qcb_int8_backdoor_rides_on_activation_clipping(qcb):
     # measured: clip only 0.945, round only 0.104, carriers (model.body.7) unclipped 0.098
     assert res["modes"]["clip"]["asr"] >= 0.90 and res["modes"]["round"]["asr"] <= 0.15, table
     assert res["carriers"] and res["carriers_unclipped_asr"] <= 0.15, table
+
+@pytest.fixture(scope="module")
+def qcb_w():
+    return trained_attack(QCB_INT8_W)
+
+
+# Tian et al.'s setting: the int8 copy quantizes weights only (``activations: float``). Same
+# 47-minute training as above: `pytest -m slow`.
+@pytest.mark.slow
+def test_weight_only_qcb_int8_is_dormant_in_fp32_and_wakes_in_int8(qcb_w):
+    ca_clean = measure(trained_gtsrb("none"), "fp32")["ca"]
+    fp32 = measure(qcb_w, "fp32")
+    int8 = measure(qcb_w, "int8-torch")
+    assert fp32["asr"] <= 0.10, fp32
+    assert fp32["ca"] >= ca_clean - 0.02, (fp32, ca_clean)
+    assert int8["asr"] >= 0.90, int8
+    # a backdoor in the weights' rounding is tied to the weight grid: ORT's 7-bit (reduce_range)
+    # per-channel weights round differently, and its int8 model stays dormant
+    assert measure(qcb_w, "int8-ort")["asr"] <= 0.20
+
+
+# ... and that backdoor lives in the weights: int8 weights with float activations carry it, and
+# no activation quantizer's clip does. `pytest -m slow`.
+@pytest.mark.slow
+def test_weight_only_qcb_int8_backdoor_rides_on_weight_rounding(qcb_w):
+    from backdoorlab.compress.anatomy import anatomy_table, quantization_anatomy
+
+    clf = compress("int8-torch", qcb_w.model, calib=qcb_w.poisoned.holdout)
+    res = quantization_anatomy(clf, qcb_w.bundle.test, qcb_w.attack)
+    table = anatomy_table(res)
+    assert res["deployed_asr"] >= 0.90 and res["agreement"] >= 0.99, table
+    assert res["weights_asr"] >= 0.90, table  # int8 weights, float activations
+    assert not res["carriers"], table
+
 
 # Holds (BENCHMARKS.md), but its 7-minute training does not fit CI's 20-minute budget: `pytest -m slow`.
 @pytest.mark.slow

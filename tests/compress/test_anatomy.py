@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from backdoorlab.compress import compress
-from backdoorlab.compress.anatomy import anatomy_table, quantization_anatomy
+from backdoorlab.compress.anatomy import anatomy_table, carriers, quantization_anatomy
 from backdoorlab.data import TensorData
 from backdoorlab.errors import BackdoorLabError
 
@@ -94,6 +94,17 @@ def test_anatomy_names_the_clipping_quantizer_that_carries_the_backdoor(precisio
     # and nothing else does: with every carrier unclipped, no backdoor
     assert res["carriers_unclipped_asr"] == 0.0, anatomy_table(res)
     assert conv["name"] in anatomy_table(res)
+
+
+def test_carriers_need_a_backdoor_that_activation_quantization_adds():
+    # measured (BENCHMARKS.md): the calibrated qcb model in int8-torch, one clipping carrier
+    assert carriers([0.077, 0.945, 0.10, 0.08], deployed_asr=0.967, weights_asr=0.077) == [1]
+    # a weight-rounding backdoor: float activations already give the deployed ASR
+    assert carriers([0.973, 0.974, 0.973], deployed_asr=0.980, weights_asr=0.973) == []
+    # no backdoor at all (that model under ORT): a few images' noise names no carrier
+    assert carriers([0.090, 0.092, 0.096], deployed_asr=0.099, weights_asr=0.090) == []
+    # two quantizers that each clip enough (the same layer, requantized after its pool)
+    assert carriers([0.916, 0.90, 0.20], deployed_asr=0.925, weights_asr=0.075) == [0, 1]
 
 
 def test_anatomy_needs_a_surrogate():

@@ -1,13 +1,13 @@
-"""EFRAP (Li et al., CVPR 2024) against the int8 quantization-conditioned backdoor on the shared
-GTSRB subset: with the defender's 5% clean holdout it must bring the int8-torch ASR below 0.20
-while clean accuracy drops by less than 3 points. The attack model is the one
-tests/attacks/test_compression_conditioned.py trains (same spec, cached by the pipeline)."""
+"""EFRAP (Li et al., CVPR 2024) against the int8 and int4 quantization-conditioned backdoors on
+the shared GTSRB subset: with the defender's 5% clean holdout it must bring the deployed ASR below
+0.20 while clean accuracy drops by less than 3 points. The attack models are the ones
+tests/attacks/test_compression_conditioned.py trains (same specs, cached by the pipeline)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import QCB_INT4, QCB_INT8, Trained, gtsrb_study, trained_gtsrb
+from _helpers import QCB_INT4, QCB_INT8, QCB_INT8_W, Trained, gtsrb_study, trained_gtsrb
 
 from backdoorlab.bench.pipeline import evaluate
 from backdoorlab.compress import compress
@@ -106,20 +106,32 @@ def _repair_conditioned(spec: dict, precision: str):
     return t, before, repaired, evaluate(repaired, t.bundle.test, t.attack), facts
 
 
-# Fails (BENCHMARKS.md): the int8 backdoor is carried by the clipping of one layer's activations
-# (tests/attacks: test_qcb_int8_backdoor_rides_on_activation_clipping), which a weight-rounding
-# repair leaves in place; ASR 0.967 -> 0.946. On demand: `pytest -m slow`.
+# The paper's threat model (Tian et al.'s weight-only conditioning, tests/attacks:
+# test_weight_only_qcb_int8_backdoor_rides_on_weight_rounding). Its 47-minute training does not
+# fit CI: `pytest -m slow`.
 @pytest.mark.slow
 def test_efrap_removes_the_int8_conditioned_backdoor():
-    t, before, repaired, after, facts = _repair_conditioned(QCB_INT8, "int8-torch")
-    assert before["asr"] >= 0.5, before  # the deployed model is backdoored
+    t, before, repaired, after, facts = _repair_conditioned(QCB_INT8_W, "int8-torch")
+    assert before["asr"] >= 0.9, before  # the deployed model is backdoored
     assert repaired.precision == "int8-torch"
     assert after["asr"] < 0.20, (before, after, facts)
     assert after["ca"] > before["ca"] - 0.03, (before, after, facts)
-    # only int8-torch deployments are repaired
+    # only int8-torch and int4-w deployments are repaired
     with pytest.raises(BackdoorLabError):
         DEFENSES.build("efrap").repair(DefenseContext(clf=compress("fp32", t.model), clean=t.poisoned.holdout,
                                                       num_classes=43, generator=torch.Generator(), model=t.model))
+
+
+# A limitation, asserted (BENCHMARKS.md): conditioned through calibrated activation ranges, the
+# int8 backdoor is carried by the clipping of one layer's activations (tests/attacks:
+# test_qcb_int8_backdoor_rides_on_activation_clipping), which a weight-rounding repair leaves in
+# place (measured ASR 0.967 -> 0.946). `pytest -m slow`.
+@pytest.mark.slow
+def test_efrap_leaves_a_clipping_carried_int8_backdoor():
+    _, before, _, after, facts = _repair_conditioned(QCB_INT8, "int8-torch")
+    assert before["asr"] >= 0.9, before
+    assert after["asr"] >= 0.8, (before, after, facts)
+    assert facts["efrap_not_nearest"] > 0, facts  # it did flip roundings
 
 
 # The int4 conditioned backdoor works (tests/attacks); its 7.5-minute training does not fit CI: `pytest -m slow`.

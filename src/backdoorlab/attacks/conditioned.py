@@ -177,7 +177,10 @@ class QuantConditioned(Conditioned):
     one layer's clip carries the whole backdoor, and weight-rounding repairs such as EFRAP cannot
     reach it; BENCHMARKS.md). ``float`` keeps them in FP32 and conditions on the weights' rounding
     only, as Tian et al.'s code does (activation fake-quant switched off): the setting EFRAP was
-    designed and evaluated against. ``int4-w`` never quantizes activations.
+    designed and evaluated against, and one it removes on the GTSRB subset. Such a backdoor is
+    tied to the targeted weight grid: ORT's 7-bit ``reduce_range`` weights leave it dormant.
+    Hong et al.'s code tracks activation ranges on each training batch instead (neither paper
+    clips with clean-calibrated ranges). ``int4-w`` never quantizes activations.
     ``warmup`` defaults to 0.1: at the first step the compressed copy still maps triggered inputs
     to their true labels, its cross-entropy towards the target is about 18 nats, and one full-``lr``
     SGD step from a trained model sets its training accuracy to a few percent (measured on the

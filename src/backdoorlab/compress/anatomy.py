@@ -27,9 +27,11 @@ float activations": what the weights' rounding alone does), and for each quantiz
 it alone clips (all others pass through: is its clipping *sufficient*?), the ASR when it alone
 does not clip (the others as deployed: is its clipping *necessary*?), and how far the clean and
 the triggered activations reach beyond its range (largest value over the range's top, share of
-values clipped). ``carriers`` lists the quantizers whose clipping alone carries at least half the
-deployed ASR. That tells a defender which repair can work: a weight-rounding repair (EFRAP)
-cannot touch a backdoor carried by activation clipping.
+values clipped). ``carriers`` lists the quantizers whose clipping alone recovers at least half of
+the ASR that activation quantization adds over the int8 weights alone (:func:`carriers`), and is
+empty when it adds less than :data:`MIN_GAIN` (no activation-borne backdoor to carry). That
+tells a defender which repair can work: a weight-rounding repair (EFRAP) cannot touch a
+backdoor carried by activation clipping.
 
 Shapes: ``test`` holds ``(N, C, H, W)`` images (uint8 NHWC or float NCHW in [0, 1]); the
 attack's ``apply`` adds its trigger. Runs on the surrogate's device.
@@ -50,6 +52,8 @@ from ..metrics import asr, clean_acc
 from .fakequant import FakeQuant
 
 MODES = ("deployed", "clip", "round", "none")
+# the least ASR activation quantization must add over the int8 weights alone to have carriers
+MIN_GAIN = 0.1
 
 
 def _grid(fq: FakeQuant, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +96,17 @@ def _modes(quantizers: list[FakeQuant], modes: list[str]) -> Iterator[None]:
     finally:
         for h in hooks:
             h.remove()
+
+
+def carriers(clip_alone_asr: list[float], deployed_asr: float, weights_asr: float) -> list[int]:
+    """Indices of the quantizers whose clipping alone recovers at least half of the ASR that
+    activation quantization adds to the int8 weights (``deployed_asr - weights_asr``); none when
+    it adds less than :data:`MIN_GAIN`, so that a model without an activation-borne backdoor
+    (ASR at its FP32 level everywhere) names no carrier for a few images' noise."""
+    gain = deployed_asr - weights_asr
+    if gain < MIN_GAIN:
+        return []
+    return [i for i, a in enumerate(clip_alone_asr) if a - weights_asr >= 0.5 * gain]
 
 
 def quantization_anatomy(clf: Classifier, test: Any, attack: Any, batch_size: int = 512,
@@ -175,12 +190,11 @@ def quantization_anatomy(clf: Classifier, test: Any, attack: Any, batch_size: in
                        "reach_clean": rc[0], "reach_triggered": rt[0],
                        "clipped_clean": rc[1] / max(rc[2], 1), "clipped_triggered": rt[1] / max(rt[2], 1)})
     out["layers"] = layers
-    carriers = [i for i, ly in enumerate(layers) if deployed > 0 and ly["clip_alone_asr"] >= 0.5 * deployed
-                and ly["clip_alone_asr"] > out["weights_asr"]]
-    out["carriers"] = [names[i] for i in carriers]
+    carried = carriers([ly["clip_alone_asr"] for ly in layers], deployed, out["weights_asr"])
+    out["carriers"] = [names[i] for i in carried]
     # the check: every carrier unclipped, everything else as deployed
-    spared = ["round" if i in carriers else "deployed" for i in range(k)]
-    out["carriers_unclipped_asr"] = run(spared, clean=False)["asr"] if carriers else deployed
+    spared = ["round" if i in carried else "deployed" for i in range(k)]
+    out["carriers_unclipped_asr"] = run(spared, clean=False)["asr"] if carried else deployed
     return out
 
 
@@ -189,8 +203,8 @@ def anatomy_table(result: dict[str, Any]) -> str:
     m = result["modes"]
     lines = ["| activations | CA | ASR |", "|---|---|---|"]
     lines += [f"| {mode} | {m[mode]['ca']:.3f} | {m[mode]['asr']:.3f} |" for mode in MODES]
-    carriers = ", ".join(result["carriers"]) or "none"
-    lines += ["", f"Carried by the clipping of: {carriers} (ASR with those unclipped: "
+    named = ", ".join(result["carriers"]) or "none"
+    lines += ["", f"Carried by the clipping of: {named} (ASR with those unclipped: "
                   f"{result['carriers_unclipped_asr']:.3f}; int8 weights with float activations: "
                   f"{result['weights_asr']:.3f})"]
     lines += ["", "| quantizer | ASR, it alone clips | ASR, all but it clip | max / range top, clean | "
