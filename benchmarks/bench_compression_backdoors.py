@@ -66,7 +66,8 @@ def merged_rows(path: Path, new: list[dict], ds: dict) -> list[dict]:
     a run with ``--only`` updates its rows and keeps the others (rows of another dataset
     configuration are dropped: they would not be comparable). A row of the same attack and spec
     keeps the parts this run did not measure (``detection`` without ``--detect``, ``efrap`` with
-    ``--skip-efrap``, ``anatomy`` without ``--anatomy``)."""
+    ``--skip-efrap``, ``anatomy`` without ``--anatomy``, and within ``anatomy`` the precisions
+    this run did not dissect, such as ``int8-torch/efrap`` under ``--skip-efrap``)."""
     import json
 
     try:
@@ -80,7 +81,11 @@ def merged_rows(path: Path, new: list[dict], ds: dict) -> list[dict]:
     for r in new:
         o = prev.get(r["attack"])
         same = o is not None and json.dumps(o.get("spec"), sort_keys=True) == json.dumps(r["spec"], sort_keys=True)
-        merged.append({**o, **r} if same else r)
+        if same:
+            r = {**o, **r}
+            if "anatomy" in o and "anatomy" in r:
+                r["anatomy"] = {**o["anatomy"], **r["anatomy"]}
+        merged.append(r)
     labels = {r["attack"] for r in new}
     return [r for r in old.get("rows", []) if r.get("attack") not in labels] + merged
 
