@@ -26,3 +26,28 @@ def test_lazy_exports_resolve():
 
     for name in backdoorlab.__all__:
         assert getattr(backdoorlab, name) is not None
+
+
+def test_atomic_writes_get_the_umask_permissions_not_private_ones(tmp_path):
+    """A file written through ``atomic_path`` (artifacts, exports, reports) is readable as a
+    plain ``open()`` would leave it, not ``mkstemp``'s owner-only 0o600; a crash inside the
+    block leaves the old file untouched and no temporary beside it."""
+    from backdoorlab.utils import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "rows.csv"
+        with atomic_path(out) as tmp:
+            tmp.write_text("a,b\n")
+        assert out.read_text() == "a,b\n"
+        assert out.stat().st_mode & 0o777 == 0o644
+        try:
+            with atomic_path(out) as tmp:
+                tmp.write_text("half")
+                raise RuntimeError("killed mid-write")
+        except RuntimeError:
+            pass
+        assert out.read_text() == "a,b\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv"]
+    finally:
+        os.umask(old)

@@ -46,11 +46,21 @@ def generator(seed: int, *tags: str) -> torch.Generator:
     return g
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
 
     A crash (even SIGKILL) leaves either the old file or the new one, never a half-written one.
+    The file gets the permissions a plain ``open(path, "w")`` would give it (``0o666`` less the
+    umask), not ``mkstemp``'s private ``0o600``: exports, reports and a shared artifact cache must
+    stay readable by the other users and servers that read them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +71,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
