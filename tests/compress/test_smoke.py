@@ -48,3 +48,26 @@ def test_int8_dynamic_says_which_layers_run_in_int8(tiny):
     clf = compress("int8-dynamic", tiny.model, calib=tiny.calib, device="cpu")
     assert clf.int8_layers == "conv:0/6, linear:1/1"
     assert compress("int8-torch", tiny.model, calib=tiny.calib, device="cpu").int8_layers == "conv:6/6, linear:1/1"
+
+
+# PreAct-ResNet18 (the --gpu study's model) in CI; the other two on demand (`pytest -m slow`)
+@pytest.mark.parametrize("arch", ["preact-resnet18", pytest.param("vgg16-bn", marks=pytest.mark.slow),
+                                  pytest.param("mobilenetv2", marks=pytest.mark.slow)])
+def test_int8_ort_takes_a_channels_last_model_as_fit_leaves_it(arch):
+    """fit() leaves a model channels_last; exported as it is, the pooled-feature flatten of these
+    architectures becomes as_strided index arithmetic (Shape/Range/Gather) that no surrogate
+    replays, so a study that trained and then compressed in one process got an int8-ort error
+    row. The export must see the model in NCHW layout."""
+    import onnx
+
+    from backdoorlab.compress.ort import export_onnx
+    from backdoorlab.data import TensorData
+    from backdoorlab.models import MODELS
+
+    torch.manual_seed(0)
+    model = MODELS.build(arch, num_classes=10).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    ops = {n.op_type for n in onnx.load_from_string(export_onnx(model, x)).graph.node}
+    assert not ops & {"Range", "Gather", "Shape"}, ops
+    clf = compress("int8-ort", model, calib=TensorData(x, torch.zeros(8, dtype=torch.long)), device="cpu")
+    assert agreement(clf, clf.surrogate, x) >= 0.9

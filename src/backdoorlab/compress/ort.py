@@ -164,8 +164,10 @@ def _quiet() -> Any:
 def export_onnx(model: nn.Module, example: torch.Tensor, opset: int = 18) -> bytes:
     """ONNX bytes of ``model`` (an ``ImageClassifier``) with input ``images`` ``(N, C, H, W)``
     (dynamic N) and outputs ``logits``, ``features``; one-line error if it cannot be exported."""
-    wrapped = LogitsAndFeatures(copy.deepcopy(model).cpu().float().eval())
-    example = example[:2].cpu().float()
+    # contiguous (NCHW) weights and input: a channels_last model, as fit() leaves it, exports
+    # with as_strided -> Shape/Range/Gather index arithmetic, which no surrogate replays
+    wrapped = LogitsAndFeatures(copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format))
+    example = example[:2].cpu().float().contiguous()
     if example.shape[0] < 2:  # a batch of 1 would be specialised as a constant
         example = example.repeat(2, 1, 1, 1)
     try:
