@@ -4,8 +4,10 @@ or CIFAR-10 (``--dataset cifar10``), plus the clean model's CA and EFRAP's repai
 int8-conditioned model. Writes benchmarks/results/compression_backdoors[_<dataset>].json and
 prints a markdown table.
 
-Usage: python benchmarks/bench_compression_backdoors.py [--dataset gtsrb|cifar10] [--skip-efrap]
-       [--only LABEL ...] [--detect] [--anatomy]
+Usage: python benchmarks/bench_compression_backdoors.py [--dataset gtsrb|cifar10] [--model NAME]
+       [--skip-efrap] [--only LABEL ...] [--detect] [--anatomy]
+       ``--model``: the architecture (default ``small-cnn``; another one writes its own JSON,
+       ``compression_backdoors[_<dataset>]_<model>.json``)
        ``--anatomy``: where each int8 backdoor lives (weights' rounding, activations' rounding or
        clipping, per activation quantizer; :mod:`backdoorlab.compress.anatomy`), for the
        ``int8-torch`` and ``int8-ort`` artifacts and for EFRAP's repaired one
@@ -43,7 +45,7 @@ ATTACKS = {
     "qcb-int8-w": QCB_INT8_W,
     "qcb-multi": {**QCB_INT8, "target_precision": "multi"},
     "qcb-int4": QCB_INT4,
-    "pqbackdoor": {"name": "pqbackdoor", "epochs": 3, "lr": 0.05},
+    "pqbackdoor": {"name": "pqbackdoor", "epochs": 5, "lr": 0.01},
     "prune-conditioned-50": {"name": "prune-conditioned", "sparsity": 0.5, "init": "none", "epochs": 8,
                              "lr": 0.01},
 }
@@ -90,7 +92,7 @@ def merged_rows(path: Path, new: list[dict], ds: dict) -> list[dict]:
     return [r for r in old.get("rows", []) if r.get("attack") not in labels] + merged
 
 
-def detect(ds, spec, deployed: str) -> dict:
+def detect(ds, spec, deployed: str, model: str = "small-cnn") -> dict:
     """Neural Cleanse and STRIP on the FP32 file and on the deployed one, through the study
     pipeline (the trained model comes from the same artifact cache)."""
     import tempfile
@@ -101,7 +103,7 @@ def detect(ds, spec, deployed: str) -> dict:
     from backdoorlab.bench.store import ResultStore
     from backdoorlab.bench.study import Study
 
-    study = Study.from_dict({"name": "bench-compression-detect", "datasets": [ds], "models": ["small-cnn"],
+    study = Study.from_dict({"name": "bench-compression-detect", "datasets": [ds], "models": [model],
                              "attacks": [spec], "compress": ["fp32", deployed], "defenses": DETECTORS,
                              "seeds": [0], "train": GTSRB_TRAIN})
     out = {}
@@ -118,6 +120,7 @@ def detect(ds, spec, deployed: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="gtsrb", choices=["gtsrb", "cifar10"])
+    ap.add_argument("--model", default="small-cnn", help="architecture (default: small-cnn)")
     ap.add_argument("--skip-efrap", action="store_true")
     ap.add_argument("--only", nargs="*", help="attack labels to run (default: all)")
     ap.add_argument("--detect", action="store_true",
@@ -142,7 +145,7 @@ def main() -> None:
     labels = args.only or ["none", *ATTACKS]
     for label in labels:
         spec = "none" if label == "none" else ATTACKS[label]
-        study = Study.from_dict({"name": "bench-compression-backdoors", "datasets": [ds], "models": ["small-cnn"],
+        study = Study.from_dict({"name": "bench-compression-backdoors", "datasets": [ds], "models": [args.model],
                                  "attacks": [spec], "seeds": [0], "train": GTSRB_TRAIN})
         cell = study.cells()[0]
         from _helpers import Trained
@@ -174,7 +177,7 @@ def main() -> None:
                 rec.setdefault("anatomy", {})["int8-torch/efrap"] = quantization_anatomy(repaired, t.bundle.test,
                                                                                          t.attack)
         if args.detect and label in DEPLOYED:
-            rec["detection"] = detect(ds, spec, DEPLOYED[label])
+            rec["detection"] = detect(ds, spec, DEPLOYED[label], args.model)
         out.append(rec)
         row = [label]
         for p in PRECISIONS:
@@ -183,7 +186,9 @@ def main() -> None:
         rows.append(row)
         print(f"{label}: {rec}", flush=True)
     name = "compression_backdoors" if args.dataset == "gtsrb" else f"compression_backdoors_{args.dataset}"
-    path = write(name, {"dataset": ds, "model": "small-cnn", "train": GTSRB_TRAIN,
+    if args.model != "small-cnn":
+        name += f"_{args.model}"
+    path = write(name, {"dataset": ds, "model": args.model, "train": GTSRB_TRAIN,
                         "rows": merged_rows(RESULTS / f"{name}.json", out, ds)})
     print(table(["attack", *[f"{p} CA / ASR" for p in PRECISIONS]], rows))
     det_rows = []

@@ -58,11 +58,11 @@ QCB_INT8_W = {**QCB_INT8, "activations": "float", "init": QCB_INT8_W_SCRATCH, "e
 QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "none", "epochs": 8, "lr": 0.01}
 
 
-def gtsrb_study(attacks=("none", "badnets", "blended"), name="gtsrb-tests"):
+def gtsrb_study(attacks=("none", "badnets", "blended"), name="gtsrb-tests", model="small-cnn"):
     """A one-seed study on the shared GTSRB subset (validated like a user's YAML)."""
     from backdoorlab.bench.study import Study
 
-    return Study.from_dict({"name": name, "datasets": [GTSRB_SUBSET], "models": ["small-cnn"],
+    return Study.from_dict({"name": name, "datasets": [GTSRB_SUBSET], "models": [model],
                             "attacks": list(attacks), "seeds": [0], "train": GTSRB_TRAIN})
 
 

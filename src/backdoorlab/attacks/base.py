@@ -46,6 +46,9 @@ class Attack:
     """
 
     name = "attack"
+    # bumped when a model-level attack's training algorithm changes, so that models it trained
+    # before are not reused from the artifact cache (None: the key is the config alone)
+    algo_version: int | None = None
 
     def __init__(self, info: DatasetInfo, target: int = 0, rate: float = 0.1,
                  mode: str = "all-to-one"):

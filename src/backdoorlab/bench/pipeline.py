@@ -125,6 +125,8 @@ class Pipeline:
         trains from scratch with its own recipe (``init: scratch``) adds that recipe. Attacks that
         train with the cell's recipe keep their keys."""
         cfg = {"model": cell.model, "train": to_dict(cell.train), "seed": cell.seed, "v": TRAIN_VERSION}
+        if attack.algo_version is not None:  # its training changed since: retrain
+            cfg["algo"] = attack.algo_version
         init = attack.init_from()
         if init is not None:
             parent = dataclasses.replace(cell, attack=init)
