@@ -59,7 +59,9 @@ DEPLOYED = {"badnets": "int8-torch", "qcb-int8": "int8-torch", "qcb-int8-w": "in
             "qcb-int4": "int4-w", "pqbackdoor": "int8-torch", "prune-conditioned-50": "prune-l1-50"}
 # where EFRAP repairs each quantization-conditioned model (its targeted deployment)
 EFRAP_AT = {"qcb-int8": "int8-torch", "qcb-int8-w": "int8-torch", "qcb-int4": "int4-w"}
-# the reference code's 10000 steps per layer take ~15 min on 2 CPU cores; 1000 meet the thresholds (90 s)
+# 1000 steps per layer meet the thresholds on GTSRB (90 s on the AMD machine, 32 s on the Xeon); the
+# reference code's (and efrap's default) 10000 take 275 s on the Xeon and are needed on CIFAR-10
+# (--efrap-iters 10000; BENCHMARKS.md)
 EFRAP = {"name": "efrap", "iters": 1000}
 # the blindspot study's budgets (studies/blindspots.yaml)
 DETECTORS = [{"name": "neural-cleanse", "steps": 100, "batches_per_step": 1, "batch_size": 4},
