@@ -5,12 +5,13 @@ int8-conditioned model. Writes benchmarks/results/compression_backdoors[_<datase
 prints a markdown table.
 
 Usage: python benchmarks/bench_compression_backdoors.py [--dataset gtsrb|cifar10] [--model NAME]
-       [--skip-efrap] [--efrap-iters N [N ...]] [--only LABEL ...] [--detect] [--anatomy]
+       [--lr LR] [--skip-efrap] [--efrap-iters N [N ...]] [--only LABEL ...] [--detect] [--anatomy]
        ``--efrap-iters``: EFRAP's optimisation steps per layer (default 1000; the reference code's
        is 10000); several values repair the same deployment once each, the first goes into
        ``efrap`` and all of them into ``efrap_sweep``
        ``--model``: the architecture (default ``small-cnn``; another one writes its own JSON,
-       ``compression_backdoors[_<dataset>]_<model>.json``)
+       ``compression_backdoors[_<dataset>]_<model>.json``); ``--lr``: the cells' training learning
+       rate (default the tests' 0.1; VGG-16-BN trains stably at 0.01), written to ``..._lr<value>.json``
        ``--anatomy``: where each int8 backdoor lives (weights' rounding, activations' rounding or
        clipping, per activation quantizer; :mod:`backdoorlab.compress.anatomy`), for the
        ``int8-torch`` and ``int8-ort`` artifacts and for EFRAP's repaired one
@@ -97,7 +98,7 @@ def merged_rows(path: Path, new: list[dict], ds: dict) -> list[dict]:
     return [r for r in old.get("rows", []) if r.get("attack") not in labels] + merged
 
 
-def detect(ds, spec, deployed: str, model: str = "small-cnn") -> dict:
+def detect(ds, spec, deployed: str, model: str = "small-cnn", train: dict | None = None) -> dict:
     """Neural Cleanse and STRIP on the FP32 file and on the deployed one, through the study
     pipeline (the trained model comes from the same artifact cache)."""
     import tempfile
@@ -110,7 +111,7 @@ def detect(ds, spec, deployed: str, model: str = "small-cnn") -> dict:
 
     study = Study.from_dict({"name": "bench-compression-detect", "datasets": [ds], "models": [model],
                              "attacks": [spec], "compress": ["fp32", deployed], "defenses": DETECTORS,
-                             "seeds": [0], "train": GTSRB_TRAIN})
+                             "seeds": [0], "train": train or GTSRB_TRAIN})
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in run_study(study, ResultStore(Path(tmp) / "s.sqlite"), progress=False, log=lambda s: None):
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="gtsrb", choices=["gtsrb", "cifar10"])
     ap.add_argument("--model", default="small-cnn", help="architecture (default: small-cnn)")
     ap.add_argument("--skip-efrap", action="store_true")
+    ap.add_argument("--lr", type=float, help="learning rate of the cells' training (default: the tests' "
+                                             "0.1); another value writes its own JSON (..._lr<value>.json)")
     ap.add_argument("--efrap-iters", type=int, nargs="+", default=[EFRAP["iters"]],
                     help=f"EFRAP steps per layer (default {EFRAP['iters']}); several values: one repair each")
     ap.add_argument("--only", nargs="*", help="attack labels to run (default: all)")
@@ -145,6 +148,7 @@ def main() -> None:
     from backdoorlab.compress.anatomy import anatomy_table, quantization_anatomy
     from backdoorlab.defenses import DEFENSES, DefenseContext
 
+    train = {**GTSRB_TRAIN, "lr": args.lr} if args.lr is not None else GTSRB_TRAIN
     ds = GTSRB_SUBSET if args.dataset == "gtsrb" else {"name": "cifar10", "train_limit": 10000, "test_limit": 2000}
     pipe = Pipeline(device="auto", progress=False)
     probe = None
@@ -153,7 +157,7 @@ def main() -> None:
     for label in labels:
         spec = "none" if label == "none" else ATTACKS[label]
         study = Study.from_dict({"name": "bench-compression-backdoors", "datasets": [ds], "models": [args.model],
-                                 "attacks": [spec], "seeds": [0], "train": GTSRB_TRAIN})
+                                 "attacks": [spec], "seeds": [0], "train": train})
         cell = study.cells()[0]
         from _helpers import Trained
 
@@ -191,7 +195,7 @@ def main() -> None:
                 rec.setdefault("anatomy", {})["int8-torch/efrap"] = quantization_anatomy(repaired, t.bundle.test,
                                                                                          t.attack)
         if args.detect and label in DEPLOYED:
-            rec["detection"] = detect(ds, spec, DEPLOYED[label], args.model)
+            rec["detection"] = detect(ds, spec, DEPLOYED[label], args.model, train)
         out.append(rec)
         row = [label]
         for p in PRECISIONS:
@@ -202,7 +206,9 @@ def main() -> None:
     name = "compression_backdoors" if args.dataset == "gtsrb" else f"compression_backdoors_{args.dataset}"
     if args.model != "small-cnn":
         name += f"_{args.model}"
-    path = write(name, {"dataset": ds, "model": args.model, "train": GTSRB_TRAIN,
+    if train is not GTSRB_TRAIN:
+        name += f"_lr{args.lr:g}"
+    path = write(name, {"dataset": ds, "model": args.model, "train": train,
                         "rows": merged_rows(RESULTS / f"{name}.json", out, ds)})
     print(table(["attack", *[f"{p} CA / ASR" for p in PRECISIONS]], rows))
     det_rows = []
