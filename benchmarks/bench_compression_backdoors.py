@@ -8,7 +8,7 @@ Usage: python benchmarks/bench_compression_backdoors.py [--dataset gtsrb|cifar10
        [--lr LR] [--skip-efrap] [--efrap-iters N [N ...]] [--only LABEL ...] [--detect] [--anatomy]
        ``--efrap-iters``: EFRAP's optimisation steps per layer (default 1000; the reference code's
        is 10000); several values repair the same deployment once each, the first goes into
-       ``efrap`` and all of them into ``efrap_sweep``
+       ``efrap`` and every one into ``efrap_sweep``
        ``--model``: the architecture (default ``small-cnn``; another one writes its own JSON,
        ``compression_backdoors[_<dataset>]_<model>.json``); ``--lr``: the cells' training learning
        rate (default the tests' 0.1; VGG-16-BN trains stably at 0.01), written to ``..._lr<value>.json``
@@ -138,6 +138,11 @@ def main() -> None:
     ap.add_argument("--anatomy", action="store_true",
                     help="ablate the int8 artifacts' activation quantization (where does the backdoor live?)")
     args = ap.parse_args()
+    # bad values fail here in one line, not after the models have trained
+    if any(i < 1 for i in args.efrap_iters):
+        ap.error(f"--efrap-iters must be positive integers, got {args.efrap_iters}")
+    if args.lr is not None and not args.lr > 0:
+        ap.error(f"--lr must be > 0, got {args.lr}")
 
     import torch
     from _helpers import GTSRB_SUBSET, GTSRB_TRAIN
@@ -189,8 +194,7 @@ def main() -> None:
                 if len(sweep) == 1:
                     repaired = fixed  # the first setting's model is the one --anatomy dissects
             rec["efrap"] = sweep[0]
-            if len(sweep) > 1:
-                rec["efrap_sweep"] = sweep
+            rec["efrap_sweep"] = sweep  # always written, so a rerun never keeps an older run's sweep
             if args.anatomy and EFRAP_AT[label] == "int8-torch":
                 rec.setdefault("anatomy", {})["int8-torch/efrap"] = quantization_anatomy(repaired, t.bundle.test,
                                                                                          t.attack)
