@@ -7,7 +7,13 @@ tests' GTSRB BadNets model (6k / 2k subset, small-cnn, ``tests/_helpers.py``) an
 attack failures down by how much the trigger changes each image: the largest absolute pixel
 change (in [0, 1]) that applying the patch makes.
 
-Usage: python benchmarks/bench_gtsrb_corner.py [--failures]   (needs BACKDOORLAB_DATA)
+``--sizes N [N ...]`` trains the tests' recipe (small-cnn, 10 epochs, batch 128, lr 0.1, no crop,
+BadNets 10%, target 0) on the first N GTSRB training images (0: all 25,087), once per ``--seeds``
+seed, through the artifact cache, and scores each model on the full 7,949-image test set, with the
+same breakdown of its failures: how ASR grows with the number of poisoned images.
+
+Usage: python benchmarks/bench_gtsrb_corner.py [--failures] [--sizes 6000 0 --seeds 0 1]
+(needs BACKDOORLAB_DATA)
 """
 
 from __future__ import annotations
@@ -23,21 +29,29 @@ from backdoorlab.data import load_dataset
 BINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 2.0)
 
 
+def _tests_helpers():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import _helpers
+
+    return _helpers
+
+
 def failures() -> dict:
     """ASR failures of the tests' BadNets model per bin of the patch's visible change."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from _helpers import trained_gtsrb
+    t = _tests_helpers().trained_gtsrb("badnets")
+    return breakdown(t.model, t.attack, t.bundle.test)
 
+
+def breakdown(model, attack, test) -> dict:
+    """``model``'s ASR on ``test`` and its failures per bin of the patch's visible change."""
     from backdoorlab.train.fit import predict
 
-    t = trained_gtsrb("badnets")
-    test = t.bundle.test
-    keep = test.y != t.attack.target
+    keep = test.y != attack.target
     x = test.float()[keep]
-    xt = t.attack.apply(x)
+    xt = attack.apply(x)
     change = (xt - x).abs().flatten(1).amax(1)
-    pred = predict(t.model, xt, device="cpu")
-    fail = pred != t.attack.target
+    pred = predict(model, xt, device="auto")
+    fail = pred != attack.target
     rows = []
     for lo, hi in zip(BINS[:-1], BINS[1:]):
         s = (change >= lo) & (change < hi)
@@ -45,10 +59,39 @@ def failures() -> dict:
     return {"n_images": len(x), "asr": 1 - float(fail.float().mean()), "failures": int(fail.sum()), "bins": rows}
 
 
+def by_size(sizes: list[int], seeds: list[int]) -> list[dict]:
+    """The tests' BadNets recipe on the first ``n`` training images (0: all), scored on the full test set."""
+    from backdoorlab.bench.pipeline import Pipeline, evaluate
+    from backdoorlab.bench.study import Study
+    from backdoorlab.classifier import TorchClassifier
+
+    h = _tests_helpers()
+    pipe = Pipeline(device="auto", progress=False)
+    test = load_dataset("gtsrb").test
+    rows = []
+    for n in sizes:
+        ds = {"name": "gtsrb", **({"train_limit": n} if n else {})}
+        for seed in seeds:
+            cell = Study.from_dict({"name": "gtsrb-sizes", "datasets": [ds], "models": ["small-cnn"],
+                                   "attacks": ["badnets"], "seeds": [seed], "train": h.GTSRB_TRAIN}).cells()[0]
+            t = h.Trained(pipe, cell)
+            m = evaluate(TorchClassifier(t.model), test, t.attack)
+            rows.append({"train_images": len(t.poisoned.split.data), "poisoned": len(t.poisoned.split.poison_idx),
+                         "seed": seed, "ca": m["ca"], "asr": m["asr"], "train_s": t.meta["train_wall"],
+                         "failures": breakdown(t.model, t.attack, test)})
+            print(f"{rows[-1]['train_images']} images, seed {seed}: CA {m['ca']:.4f}, ASR {m['asr']:.4f}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--failures", action="store_true", help="break the tests' BadNets model's failures down")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[], metavar="N",
+                    help="train the tests' recipe on the first N training images (0: all)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = ap.parse_args()
+    if any(n < 0 for n in args.sizes) or any(s < 0 for s in args.seeds):
+        ap.error("--sizes and --seeds take non-negative integers")
     b = load_dataset("gtsrb")
     corner = b.test.x[b.test.y != 0][:, -3:, -3:, :].float() / 255  # (N, 3, 3, C)
     rows = []
@@ -59,6 +102,8 @@ def main() -> None:
     out = {"n_images": int(corner.shape[0]), "rows": rows}
     if args.failures:
         out["failures"] = failures()
+    if args.sizes:
+        out["sizes"] = by_size(args.sizes, args.seeds)
     path = write("gtsrb_corner", out)
     print(table(["threshold", "share with corner mean above", "share with every corner pixel above"],
                 [[r["threshold"], r["mean_above"], r["every_pixel_above"]] for r in rows]))
@@ -67,6 +112,12 @@ def main() -> None:
         print(f"\nBadNets model of the tests: ASR {f['asr']:.3f} ({f['failures']} failures of {f['n_images']})")
         print(table(["patch changes a pixel by", "images", "attack failures"],
                     [[f"[{r['change_from']}, {r['change_to']})", r["images"], r["failures"]] for r in f["bins"]]))
+    if args.sizes:
+        print("\nBadNets (tests' recipe) by training-set size, on the full test set")
+        print(table(["training images", "poisoned", "seed", "CA", "ASR",
+                     "failures on images the patch changes by < 0.05"],
+                    [[r["train_images"], r["poisoned"], r["seed"], r["ca"], r["asr"],
+                      f"{r['failures']['bins'][0]['failures']} of {r['failures']['failures']}"] for r in out["sizes"]]))
     print(f"wrote {path}")
 
 

@@ -2,7 +2,7 @@
 ignores the trigger. Models are trained once per session through the cached pipeline."""
 
 import pytest
-from _helpers import trained_gtsrb
+from _helpers import GTSRB_FULL, trained_gtsrb
 
 from backdoorlab.bench.pipeline import evaluate
 from backdoorlab.classifier import TorchClassifier
@@ -16,11 +16,25 @@ def badnets():
 def test_badnets_gtsrb_is_learned(badnets):
     m = evaluate(TorchClassifier(badnets.model), badnets.bundle.test, badnets.attack)
     assert m["ca"] >= 0.90, m
-    # Issue 2 asks for 0.95. About 5% of GTSRB test images already have a near-white bottom-right
-    # corner (3.2% with every patch pixel above 0.9), where the default white patch is nearly
-    # invisible; the small CNN reaches 0.94 (10 or 20 epochs, 6k or 10k images). See BENCHMARKS.md.
+    # Issue 2's 0.95 needs more poisoned images than this 6k subset has (next test). About 5% of
+    # GTSRB test images already have a near-white bottom-right corner (3.2% with every patch pixel
+    # above 0.9), where the default white patch is nearly invisible; on 6k images the small CNN
+    # reaches 0.93-0.94 whatever the recipe (epochs, lr, batch, weight decay; BENCHMARKS.md).
     assert m["asr"] >= 0.93, m
     assert len(badnets.poisoned.split.poison_idx) == round(0.1 * len(badnets.poisoned.split.data))
+
+
+@pytest.mark.slow
+def test_badnets_on_all_of_gtsrb_reaches_issue_2s_asr():
+    """Issue 2's thresholds on the whole archive (23,833 training images after the 5% holdout,
+    2,383 poisoned; the full 7,949-image test set), with the tests' recipe and the suite's seed 0:
+    CA 0.982, ASR 0.956. About 3.5 min of training on 2 CPU cores. The margin is thin: seeds 1 and 2
+    give ASR 0.949 and 0.943 (`benchmarks/bench_gtsrb_corner.py --sizes 0 --seeds 0 1 2`)."""
+    t = trained_gtsrb("badnets", dataset=GTSRB_FULL)
+    assert len(t.bundle.test) == 7949 and len(t.poisoned.split.data) == 23833
+    m = evaluate(TorchClassifier(t.model), t.bundle.test, t.attack)
+    assert m["ca"] >= 0.90, m
+    assert m["asr"] >= 0.95, m
 
 
 def test_clean_model_ignores_the_trigger(badnets):
