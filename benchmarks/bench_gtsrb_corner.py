@@ -10,7 +10,8 @@ change (in [0, 1]) that applying the patch makes.
 ``--sizes N [N ...]`` trains the tests' recipe (small-cnn, 10 epochs, batch 128, lr 0.1, no crop,
 BadNets 10%, target 0) on the first N GTSRB training images (0: all 25,087), once per ``--seeds``
 seed, through the artifact cache, and scores each model on the full 7,949-image test set, with the
-same breakdown of its failures: how ASR grows with the number of poisoned images.
+same breakdown of its failures: how ASR grows with the number of poisoned images. ``--train JSON``
+overrides entries of that recipe (e.g. ``'{"epochs": 30}'``); the row records the recipe it used.
 
 Usage: python benchmarks/bench_gtsrb_corner.py [--failures] [--sizes 6000 0 --seeds 0 1]
 (needs BACKDOORLAB_DATA)
@@ -19,6 +20,7 @@ Usage: python benchmarks/bench_gtsrb_corner.py [--failures] [--sizes 6000 0 --se
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -59,13 +61,14 @@ def breakdown(model, attack, test) -> dict:
     return {"n_images": len(x), "asr": 1 - float(fail.float().mean()), "failures": int(fail.sum()), "bins": rows}
 
 
-def by_size(sizes: list[int], seeds: list[int]) -> list[dict]:
+def by_size(sizes: list[int], seeds: list[int], train: dict | None = None) -> list[dict]:
     """The tests' BadNets recipe on the first ``n`` training images (0: all), scored on the full test set."""
     from backdoorlab.bench.pipeline import Pipeline, evaluate
     from backdoorlab.bench.study import Study
     from backdoorlab.classifier import TorchClassifier
 
     h = _tests_helpers()
+    recipe = {**h.GTSRB_TRAIN, **(train or {})}
     pipe = Pipeline(device="auto", progress=False)
     test = load_dataset("gtsrb").test
     rows = []
@@ -73,11 +76,11 @@ def by_size(sizes: list[int], seeds: list[int]) -> list[dict]:
         ds = {"name": "gtsrb", **({"train_limit": n} if n else {})}
         for seed in seeds:
             cell = Study.from_dict({"name": "gtsrb-sizes", "datasets": [ds], "models": ["small-cnn"],
-                                   "attacks": ["badnets"], "seeds": [seed], "train": h.GTSRB_TRAIN}).cells()[0]
+                                   "attacks": ["badnets"], "seeds": [seed], "train": recipe}).cells()[0]
             t = h.Trained(pipe, cell)
             m = evaluate(TorchClassifier(t.model), test, t.attack)
             rows.append({"train_images": len(t.poisoned.split.data), "poisoned": len(t.poisoned.split.poison_idx),
-                         "seed": seed, "ca": m["ca"], "asr": m["asr"], "train_s": t.meta["train_wall"],
+                         "seed": seed, "train": recipe, "ca": m["ca"], "asr": m["asr"], "train_s": t.meta["train_wall"],
                          "failures": breakdown(t.model, t.attack, test)})
             print(f"{rows[-1]['train_images']} images, seed {seed}: CA {m['ca']:.4f}, ASR {m['asr']:.4f}", flush=True)
     return rows
@@ -89,9 +92,13 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[], metavar="N",
                     help="train the tests' recipe on the first N training images (0: all)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--train", type=json.loads, default=None, metavar="JSON",
+                    help="override entries of the tests' training recipe for --sizes")
     args = ap.parse_args()
     if any(n < 0 for n in args.sizes) or any(s < 0 for s in args.seeds):
         ap.error("--sizes and --seeds take non-negative integers")
+    if args.train is not None and not isinstance(args.train, dict):
+        ap.error("--train takes a JSON object, e.g. '{\"epochs\": 30}'")
     b = load_dataset("gtsrb")
     corner = b.test.x[b.test.y != 0][:, -3:, -3:, :].float() / 255  # (N, 3, 3, C)
     rows = []
@@ -103,7 +110,7 @@ def main() -> None:
     if args.failures:
         out["failures"] = failures()
     if args.sizes:
-        out["sizes"] = by_size(args.sizes, args.seeds)
+        out["sizes"] = by_size(args.sizes, args.seeds, args.train)
     path = write("gtsrb_corner", out)
     print(table(["threshold", "share with corner mean above", "share with every corner pixel above"],
                 [[r["threshold"], r["mean_above"], r["every_pixel_above"]] for r in rows]))

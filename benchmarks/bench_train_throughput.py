@@ -1,6 +1,9 @@
 """Training throughput of fit(): images/s for the default model and PreAct-ResNet18, and the
 achieved FLOP rate as a fraction of this machine's peak FP32 matmul rate, measured in the same
-run (issue 2). Usage: python benchmarks/bench_train_throughput.py [--models ...] [--device auto]
+run (issue 2). ``--profile`` also splits one model's training step by operator kind (torch.profiler
+self time over 10 steps at batch 256): how much of it is convolution, and the rate the convolutions
+themselves reach, against the memory-bound batch norm, ReLU and pooling.
+Usage: python benchmarks/bench_train_throughput.py [--models ...] [--device auto] [--profile]
 """
 
 from __future__ import annotations
@@ -59,24 +62,83 @@ def measure(name: str, n_images: int, epochs: int, device: torch.device) -> dict
             "train_gflop_per_image": flops / 1e9, "achieved_gflops": r.images_per_s * flops / 1e9}
 
 
+KINDS = (("conv forward", ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution",
+                            "aten::cudnn_convolution")),
+         ("conv backward", ("aten::convolution_backward",)),
+         ("batch norm", ("aten::native_batch_norm", "aten::native_batch_norm_backward",
+                         "aten::cudnn_batch_norm", "aten::cudnn_batch_norm_backward")),
+         ("relu", ("aten::relu_", "aten::clamp_min_", "aten::threshold_backward")),
+         ("pooling", ("aten::max_pool2d_with_indices", "aten::max_pool2d_with_indices_backward",
+                      "aten::adaptive_max_pool2d", "aten::adaptive_max_pool2d_backward")))
+
+
+def profile_step(name: str, device: torch.device, batch: int = 256, steps: int = 10) -> dict:
+    """Self time of one ``fit()``-like SGD step per operator kind, and the convolutions' FLOP rate."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_model(name, 10, 3, (0.5,) * 3, (0.25,) * 3).to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    conv_flops = sum(v for op, v in fc.get_flop_counts()["Global"].items() if "convolution" in str(op))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    self_us = {e.key: getattr(e, attr) for e in prof.key_averages()}
+    total = sum(self_us.values())
+    kinds = {k: sum(self_us.get(op, 0.0) for op in ops) for k, ops in KINDS}
+    kinds["other"] = total - sum(kinds.values())
+    conv_s = (kinds["conv forward"] + kinds["conv backward"]) / 1e6
+    return {"model": name, "batch": batch, "steps": steps, "step_ms": total / steps / 1e3,
+            "share": {k: v / total for k, v in kinds.items()},
+            "conv_gflops": conv_flops * steps / max(conv_s, 1e-9) / 1e9}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=["small-cnn", "preact-resnet18"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out")
+    ap.add_argument("--profile", action="store_true", help="split the first model's step by operator kind")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     sizes = {"small-cnn": (4096, 2), "preact-resnet18": (512, 1)}
     peak_before = peak_matmul_gflops(dev)
     rows = [measure(m, *sizes.get(m, (1024, 1)), dev) for m in args.models]
+    prof = profile_step(args.models[0], dev) if args.profile else None
     peak = max(peak_before, peak_matmul_gflops(dev))
     for r in rows:
         r["fraction_of_peak"] = r["achieved_gflops"] / peak
-    path = write("train_throughput", {"device": str(dev), "peak_matmul_gflops": peak, "rows": rows}, args.out)
+    payload = {"device": str(dev), "peak_matmul_gflops": peak, "rows": rows}
+    if prof is not None:
+        prof["conv_fraction_of_peak"] = prof["conv_gflops"] / peak
+        payload["profile"] = prof
+    path = write("train_throughput", payload, args.out)
     print(f"peak FP32 matmul: {peak:.1f} GFLOP/s on {dev}")
     print(table(["model", "images/s", "train GFLOP/image", "achieved GFLOP/s", "fraction of peak"],
                 [[r["model"], r["images_per_s"], r["train_gflop_per_image"], r["achieved_gflops"],
                   r["fraction_of_peak"]] for r in rows]))
+    if prof is not None:
+        print(f"\n{prof['model']}, one SGD step at batch {prof['batch']}: {prof['step_ms']:.1f} ms; the "
+              f"convolutions run at {prof['conv_gflops']:.1f} GFLOP/s ({prof['conv_fraction_of_peak']:.3f} of peak)")
+        print(table(["operator kind", "share of step time"], [[k, v] for k, v in prof["share"].items()]))
     print(f"wrote {path}")
 
 
