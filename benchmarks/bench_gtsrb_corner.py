@@ -61,28 +61,36 @@ def breakdown(model, attack, test) -> dict:
     return {"n_images": len(x), "asr": 1 - float(fail.float().mean()), "failures": int(fail.sum()), "bins": rows}
 
 
-def by_size(sizes: list[int], seeds: list[int], train: dict | None = None) -> list[dict]:
-    """The tests' BadNets recipe on the first ``n`` training images (0: all), scored on the full test set."""
-    from backdoorlab.bench.pipeline import Pipeline, evaluate
+def size_cells(sizes: list[int], seeds: list[int], train: dict | None = None) -> list:
+    """One BadNets cell per (size, seed): the tests' recipe (``train`` overriding entries of it) on
+    the first ``n`` training images (0: all) and the full test set. Validated like a user's study,
+    so a bad ``--train`` entry fails here, before anything trains."""
     from backdoorlab.bench.study import Study
-    from backdoorlab.classifier import TorchClassifier
 
-    h = _tests_helpers()
-    recipe = {**h.GTSRB_TRAIN, **(train or {})}
+    recipe = {**_tests_helpers().GTSRB_TRAIN, **(train or {})}
+    return [Study.from_dict({"name": "gtsrb-sizes",
+                             "datasets": [{"name": "gtsrb", **({"train_limit": n} if n else {})}],
+                             "models": ["small-cnn"], "attacks": ["badnets"], "seeds": [seed],
+                             "train": recipe}).cells()[0]
+            for n in sizes for seed in seeds]
+
+
+def by_size(cells: list) -> list[dict]:
+    """Train each cell through the artifact cache; CA, ASR and the failure breakdown on the full test set."""
+    from backdoorlab.bench.pipeline import Pipeline, evaluate
+    from backdoorlab.classifier import TorchClassifier
+    from backdoorlab.config import to_dict
+
     pipe = Pipeline(device="auto", progress=False)
-    test = load_dataset("gtsrb").test
     rows = []
-    for n in sizes:
-        ds = {"name": "gtsrb", **({"train_limit": n} if n else {})}
-        for seed in seeds:
-            cell = Study.from_dict({"name": "gtsrb-sizes", "datasets": [ds], "models": ["small-cnn"],
-                                   "attacks": ["badnets"], "seeds": [seed], "train": recipe}).cells()[0]
-            t = h.Trained(pipe, cell)
-            m = evaluate(TorchClassifier(t.model), test, t.attack)
-            rows.append({"train_images": len(t.poisoned.split.data), "poisoned": len(t.poisoned.split.poison_idx),
-                         "seed": seed, "train": recipe, "ca": m["ca"], "asr": m["asr"], "train_s": t.meta["train_wall"],
-                         "failures": breakdown(t.model, t.attack, test)})
-            print(f"{rows[-1]['train_images']} images, seed {seed}: CA {m['ca']:.4f}, ASR {m['asr']:.4f}", flush=True)
+    for cell in cells:
+        t = _tests_helpers().Trained(pipe, cell)
+        test = t.bundle.test  # the cells set no test_limit: the full test set
+        m = evaluate(TorchClassifier(t.model), test, t.attack)
+        rows.append({"train_images": len(t.poisoned.split.data), "poisoned": len(t.poisoned.split.poison_idx),
+                     "seed": cell.seed, "train": to_dict(cell.train), "ca": m["ca"], "asr": m["asr"],
+                     "train_s": t.meta["train_wall"], "failures": breakdown(t.model, t.attack, test)})
+        print(f"{rows[-1]['train_images']} images, seed {cell.seed}: CA {m['ca']:.4f}, ASR {m['asr']:.4f}", flush=True)
     return rows
 
 
@@ -99,6 +107,12 @@ def main() -> None:
         ap.error("--sizes and --seeds take non-negative integers")
     if args.train is not None and not isinstance(args.train, dict):
         ap.error("--train takes a JSON object, e.g. '{\"epochs\": 30}'")
+    from backdoorlab.errors import BackdoorLabError
+
+    try:
+        cells = size_cells(args.sizes, args.seeds, args.train)
+    except BackdoorLabError as e:
+        ap.error(str(e))
     b = load_dataset("gtsrb")
     corner = b.test.x[b.test.y != 0][:, -3:, -3:, :].float() / 255  # (N, 3, 3, C)
     rows = []
@@ -110,7 +124,7 @@ def main() -> None:
     if args.failures:
         out["failures"] = failures()
     if args.sizes:
-        out["sizes"] = by_size(args.sizes, args.seeds, args.train)
+        out["sizes"] = by_size(cells)
     path = write("gtsrb_corner", out)
     print(table(["threshold", "share with corner mean above", "share with every corner pixel above"],
                 [[r["threshold"], r["mean_above"], r["every_pixel_above"]] for r in rows]))

@@ -63,7 +63,7 @@ QCB_INT4 = {"name": "qcb", "target_precision": "int4-w", "init": "none", "epochs
 
 def gtsrb_study(attacks=("none", "badnets", "blended"), name="gtsrb-tests", model="small-cnn",
                 dataset=GTSRB_SUBSET):
-    """A one-seed study on the shared GTSRB subset (validated like a user's YAML)."""
+    """A one-seed study on the shared GTSRB subset, or on ``dataset`` (validated like a user's YAML)."""
     from backdoorlab.bench.study import Study
 
     return Study.from_dict({"name": name, "datasets": [dataset], "models": [model],
