@@ -13,7 +13,7 @@ seed, through the artifact cache, and scores each model on the full 7,949-image 
 same breakdown of its failures: how ASR grows with the number of poisoned images. ``--train JSON``
 overrides entries of that recipe (e.g. ``'{"epochs": 30}'``); the row records the recipe it used.
 
-Usage: python benchmarks/bench_gtsrb_corner.py [--failures] [--sizes 6000 0 --seeds 0 1]
+Usage: python benchmarks/bench_gtsrb_corner.py [--failures] [--sizes 6000 0 --seeds 0 1] [--out PATH]
 (needs BACKDOORLAB_DATA)
 """
 
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--train", type=json.loads, default=None, metavar="JSON",
                     help="override entries of the tests' training recipe for --sizes")
+    ap.add_argument("--out", default=None, metavar="PATH",
+                    help="write the JSON here instead of benchmarks/results/gtsrb_corner.json")
     args = ap.parse_args()
     if any(n < 0 for n in args.sizes) or any(s < 0 for s in args.seeds):
         ap.error("--sizes and --seeds take non-negative integers")
@@ -125,7 +127,7 @@ def main() -> None:
         out["failures"] = failures()
     if args.sizes:
         out["sizes"] = by_size(cells)
-    path = write("gtsrb_corner", out)
+    path = write("gtsrb_corner", out, args.out)
     print(table(["threshold", "share with corner mean above", "share with every corner pixel above"],
                 [[r["threshold"], r["mean_above"], r["every_pixel_above"]] for r in rows]))
     if args.failures:

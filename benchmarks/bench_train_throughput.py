@@ -3,6 +3,8 @@ achieved FLOP rate as a fraction of this machine's peak FP32 matmul rate, measur
 run (issue 2). ``--profile`` also splits one model's training step by operator kind (torch.profiler
 self time over 10 steps at batch 256): how much of it is convolution, and the rate the convolutions
 themselves reach, against the memory-bound batch norm, ReLU and pooling.
+``--models small-cnn p-poolfirst`` compares the default model with its pool-first variant
+(``bench_gtsrb_models.py``): the same FLOPs, batch norm and ReLU on a quarter of the activations.
 Usage: python benchmarks/bench_train_throughput.py [--models ...] [--device auto] [--profile]
 """
 
@@ -113,11 +115,20 @@ def profile_step(name: str, device: torch.device, batch: int = 256, steps: int =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", nargs="+", default=["small-cnn", "preact-resnet18"])
+    ap.add_argument("--models", nargs="+", default=["small-cnn", "preact-resnet18"],
+                    help="registered models, or bench_gtsrb_models' variants of the default (p-poolfirst, ...)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out")
     ap.add_argument("--profile", action="store_true", help="split the first model's step by operator kind")
     args = ap.parse_args()
+    from bench_gtsrb_models import register
+
+    register()
+    from backdoorlab.models import MODELS
+
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS.names())}")
     dev = resolve_device(args.device)
     sizes = {"small-cnn": (4096, 2), "preact-resnet18": (512, 1)}
     peak_before = peak_matmul_gflops(dev)

@@ -17,9 +17,17 @@ from .errors import BackdoorLabError
 C = TypeVar("C")
 
 
+OMIT_DEFAULT = {"omit_default": True}
+"""``dataclasses.field(metadata=OMIT_DEFAULT)``: a setting added after configs were first hashed.
+It enters ``to_dict`` (and so every cache key, run id and stored config) only when it differs
+from its default, so adding it changes no existing key: cached artifacts stay valid and a
+resumed study finds its finished rows."""
+
+
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

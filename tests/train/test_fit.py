@@ -1,11 +1,12 @@
 import pytest
 import torch
 
+from backdoorlab.config import to_dict
 from backdoorlab.data import load_dataset
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.models import build_model
 from backdoorlab.train import Hook, TrainConfig, accuracy, fit
-from backdoorlab.train.augment import random_crop, random_hflip
+from backdoorlab.train.augment import color_jitter, random_crop, random_hflip
 
 
 def _model(b):
@@ -70,8 +71,48 @@ def test_augmentations_are_seeded_and_shape_preserving():
     assert torch.equal(random_crop(x, 0, torch.Generator()), x)
 
 
+def test_color_jitter_follows_torchvision_semantics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8) * 0.5  # dark enough that brightness <= 1.4 never clamps
+    out = color_jitter(x, 0.4, 0.0, g)
+    ratio = (out / x).flatten(1)
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-5)  # one factor per image
+    f = ratio[:, 0]
+    assert f.min() >= 0.6 - 1e-6 and f.max() <= 1.4 + 1e-6 and f.std() > 0.1
+    assert torch.equal(out, color_jitter(x, 0.4, 0.0, torch.Generator().manual_seed(0)))  # seeded
+    # contrast blends with the image's mean luma: the luma mean survives unclamped
+    y = 0.25 + 0.5 * torch.rand(64, 3, 8, 8)
+    yc = color_jitter(y, 0.0, 0.2, torch.Generator().manual_seed(1))
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    assert torch.allclose((yc * luma).sum(1).mean((1, 2)), (y * luma).sum(1).mean((1, 2)), atol=1e-5)
+    assert not torch.allclose(yc, y)
+    # saturated pixels clamp to [0, 1]; a strength of 1 can scale down to black
+    w = color_jitter(torch.ones(32, 1, 4, 4), 1.0, 1.0, torch.Generator().manual_seed(2))
+    assert w.min() >= 0 and w.max() <= 1 and w.amin((1, 2, 3)).min() < 0.5
+    assert torch.equal(color_jitter(x, 0.0, 0.0, g), x)
+
+
+def test_jitter_enters_the_config_only_when_on():
+    """Settings added later (``OMIT_DEFAULT``) leave every existing cache key and run id as it was."""
+    assert "brightness" not in to_dict(TrainConfig()) and "contrast" not in to_dict(TrainConfig())
+    assert to_dict(TrainConfig(brightness=0.4))["brightness"] == 0.4
+    b = load_dataset("digits")
+    cfg = TrainConfig(epochs=2, batch_size=256, brightness=0.4, contrast=0.4)
+    r1 = fit(_model(b), b.train, cfg, generator=torch.Generator().manual_seed(0), device="cpu")
+    r2 = fit(_model(b), b.train, cfg, generator=torch.Generator().manual_seed(0), device="cpu")
+    r0 = fit(_model(b), b.train, TrainConfig(epochs=2, batch_size=256), generator=torch.Generator().manual_seed(0),
+             device="cpu")
+    assert torch.equal(r1.model.head.weight, r2.model.head.weight)
+    assert not torch.equal(r1.model.head.weight, r0.model.head.weight)
+
+
 def test_bad_train_settings():
     b = load_dataset("digits")
+    for bad in (-0.1, 1.5, "0.4", True):
+        with pytest.raises(BackdoorLabError, match="brightness must be a number in"):
+            fit(_model(b), b.train, TrainConfig(brightness=bad), generator=torch.Generator())
+    with pytest.raises(BackdoorLabError, match="contrast"):
+        fit(_model(b), b.train, TrainConfig(contrast=2), generator=torch.Generator())
     with pytest.raises(BackdoorLabError, match="schedule"):
         fit(_model(b), b.train, TrainConfig(schedule="step"), generator=torch.Generator())
     with pytest.raises(BackdoorLabError, match="batch_size"):

@@ -1,9 +1,9 @@
 """ONE training loop (house rule 3) and ONE evaluation, customised by hooks.
 
 ``fit`` keeps the whole training set as one tensor on the device, draws batches with a seeded
-generator, augments each batch in one shot (random crop + optional flip), and trains with SGD
-+ Nesterov under a one-cycle or cosine schedule, in ``channels_last``. On CPU, the same seed
-gives bit-identical weights.
+generator, augments each batch in one shot (random crop, optional flip and colour jitter), and
+trains with SGD + Nesterov under a one-cycle or cosine schedule, in ``channels_last``. On CPU,
+the same seed gives bit-identical weights.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import OMIT_DEFAULT
 from ..data.tensordata import TensorData
 from ..errors import check
 from ..utils import resolve_device
-from .augment import random_crop, random_hflip
+from .augment import color_jitter, random_crop, random_hflip
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class TrainConfig:
     ``schedule``: ``"onecycle"`` (linear warm-up over ``warmup`` of the steps to ``lr``, then
     linear decay to 0) or ``"cosine"`` (cosine decay from ``lr`` to 0).
     ``crop_pad`` / ``hflip``: ``None`` takes the dataset's default.
+    ``brightness`` / ``contrast``: colour-jitter strengths with torchvision ``ColorJitter``
+    semantics (factor uniform in ``[max(0, 1 - s), 1 + s]``; 0 is off, the default), applied per
+    image after crop and flip. A setting added later: it enters cache keys and run ids only
+    when on (``config.OMIT_DEFAULT``).
     """
 
     epochs: int = 15
@@ -48,6 +53,8 @@ class TrainConfig:
     crop_pad: int | None = None
     hflip: bool | None = None
     channels_last: bool = True
+    brightness: float = field(default=0.0, metadata=OMIT_DEFAULT)
+    contrast: float = field(default=0.0, metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
         check(isinstance(self.epochs, int) and self.epochs >= 0, f"train epochs must be >= 0, got {self.epochs!r}")
@@ -57,6 +64,10 @@ class TrainConfig:
         check(self.schedule in ("onecycle", "cosine"),
               f"train schedule must be 'onecycle' or 'cosine', got {self.schedule!r}")
         check(0 <= self.warmup < 1, f"train warmup must be in [0, 1), got {self.warmup!r}")
+        for name in ("brightness", "contrast"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+                  f"train {name} must be a number in [0, 1], got {v!r}")
 
 
 @dataclass
@@ -189,6 +200,8 @@ def fit(
                 xb = random_crop(xb, pad, generator)
                 if flip:
                     xb = random_hflip(xb, generator)
+                if cfg.brightness or cfg.contrast:
+                    xb = color_jitter(xb, cfg.brightness, cfg.contrast, generator)
             for h in hooks:
                 xb, yb = h.batch(state, xb, yb)
             if cfg.channels_last:
