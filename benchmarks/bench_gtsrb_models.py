@@ -28,8 +28,8 @@ from _common import table, write
 from torch import nn
 
 from backdoorlab.models import MODELS
-from backdoorlab.models.common import ImageClassifier, Normalize
-from backdoorlab.models.small import _fit
+from backdoorlab.models.common import ImageClassifier
+from backdoorlab.models.small import small_cnn
 
 VARIANTS = {
     "small-cnn": "the default model",
@@ -40,22 +40,21 @@ VARIANTS = {
 
 
 def variant(pool_first: bool = False, global_pool: str = "max", widths: Sequence[int] = (32, 64, 128, 256)):
-    """A factory of ``small_cnn`` (``backdoorlab.models.small``) with one thing changed."""
+    """A factory of the registered ``small_cnn`` with one thing changed. It rearranges that model's
+    own modules instead of defining a second architecture, so the variants' layers (and their
+    state-dict keys and initial weights) are the default's."""
 
     def make(num_classes: int, in_channels: int = 3, mean=(0.5,), std=(0.25,)) -> ImageClassifier:
-        w0, w1, w2, w3 = widths
-
-        def layer(cin: int, cout: int, pool: bool = False) -> list[nn.Module]:
-            conv, bn, act = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-            if pool and pool_first:
-                return [conv, nn.MaxPool2d(2), bn, act]
-            return [conv, bn, act] + ([nn.MaxPool2d(2)] if pool else [])
-
-        gpool = nn.AdaptiveMaxPool2d(1) if global_pool == "max" else nn.AdaptiveAvgPool2d(1)
-        body = nn.Sequential(*layer(in_channels, w0, True), *layer(w0, w1), *layer(w1, w1, True),
-                             *layer(w1, w2), *layer(w2, w2, True), *layer(w2, w3), gpool, nn.Flatten())
-        return ImageClassifier(Normalize(_fit(mean, in_channels), _fit(std, in_channels)), body,
-                               nn.Linear(w3, num_classes))
+        model = small_cnn(num_classes, in_channels, mean, std, widths=widths)
+        mods = list(model.body)
+        if pool_first:  # conv, BN, ReLU, pool -> conv, pool, BN, ReLU
+            for i, m in enumerate(mods):
+                if isinstance(m, nn.MaxPool2d):
+                    mods[i - 2:i + 1] = [m, *mods[i - 2:i]]
+        if global_pool == "avg":
+            mods = [nn.AdaptiveAvgPool2d(1) if isinstance(m, nn.AdaptiveMaxPool2d) else m for m in mods]
+        model.body = nn.Sequential(*mods)
+        return model
 
     return make
 

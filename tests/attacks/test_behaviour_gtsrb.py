@@ -19,7 +19,8 @@ def test_badnets_gtsrb_is_learned(badnets):
     # Issue 2's 0.95 needs more poisoned images than this 6k subset has (next test). About 5% of
     # GTSRB test images already have a near-white bottom-right corner (3.2% with every patch pixel
     # above 0.9), where the default white patch is nearly invisible; on 6k images the small CNN
-    # reaches 0.93-0.94 whatever the recipe (epochs, lr, batch, weight decay; BENCHMARKS.md).
+    # reaches 0.93-0.94 whatever the recipe or the model's shape (epochs, lr, batch, weight decay;
+    # brightness jitter gives 0.942-0.950; BENCHMARKS.md).
     assert m["asr"] >= 0.93, m
     assert len(badnets.poisoned.split.poison_idx) == round(0.1 * len(badnets.poisoned.split.data))
 
