@@ -5,12 +5,22 @@ self time over 10 steps at batch 256): how much of it is convolution, and the ra
 themselves reach, against the memory-bound batch norm, ReLU and pooling.
 ``--models small-cnn p-poolfirst`` compares the default model with its pool-first variant
 (``bench_gtsrb_models.py``): the same FLOPs, batch norm and ReLU on a quarter of the activations.
+``--allocator-ab R`` reruns the benchmark in R pairs of fresh processes, glibc's default malloc
+(``BACKDOORLAB_MALLOC=system``) then the tuned one ``fit()`` sets (``utils.tune_cpu_allocator``),
+and reports the ratio of their rates.
 Usage: python benchmarks/bench_train_throughput.py [--models ...] [--device auto] [--profile]
+       [--allocator-ab R]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -20,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from backdoorlab.data import TensorData
 from backdoorlab.models import build_model
 from backdoorlab.train import TrainConfig, fit
-from backdoorlab.utils import resolve_device
+from backdoorlab.utils import resolve_device, tune_cpu_allocator
 
 
 def peak_matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
@@ -120,7 +130,13 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out")
     ap.add_argument("--profile", action="store_true", help="split the first model's step by operator kind")
+    ap.add_argument("--allocator-ab", type=int, metavar="R", default=0,
+                    help="R pairs of fresh processes: glibc's default malloc against the tuned one")
     args = ap.parse_args()
+    if args.allocator_ab:
+        if args.profile or resolve_device(args.device).type != "cpu":
+            ap.error("--allocator-ab measures CPU training only, without --profile")
+        return allocator_ab(args)
     from bench_gtsrb_models import register
 
     register()
@@ -130,6 +146,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS.names())}")
     dev = resolve_device(args.device)
+    allocator = tune_cpu_allocator() if dev.type == "cpu" else None  # fit() would set it; before the peak too
     sizes = {"small-cnn": (4096, 2), "preact-resnet18": (512, 1)}
     peak_before = peak_matmul_gflops(dev)
     rows = [measure(m, *sizes.get(m, (1024, 1)), dev) for m in args.models]
@@ -137,7 +154,7 @@ def main() -> None:
     peak = max(peak_before, peak_matmul_gflops(dev))
     for r in rows:
         r["fraction_of_peak"] = r["achieved_gflops"] / peak
-    payload = {"device": str(dev), "peak_matmul_gflops": peak, "rows": rows}
+    payload = {"device": str(dev), "allocator": allocator, "peak_matmul_gflops": peak, "rows": rows}
     if prof is not None:
         prof["conv_fraction_of_peak"] = prof["conv_gflops"] / peak
         payload["profile"] = prof
@@ -150,6 +167,40 @@ def main() -> None:
         print(f"\n{prof['model']}, one SGD step at batch {prof['batch']}: {prof['step_ms']:.1f} ms; the "
               f"convolutions run at {prof['conv_gflops']:.1f} GFLOP/s ({prof['conv_fraction_of_peak']:.3f} of peak)")
         print(table(["operator kind", "share of step time"], [[k, v] for k, v in prof["share"].items()]))
+    print(f"wrote {path}")
+
+
+def allocator_ab(args: argparse.Namespace) -> None:
+    """Alternate fresh processes under each allocator setting (it is process-wide, set once)."""
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.allocator_ab):
+            for mode in ("system", "tuned"):
+                out = os.path.join(tmp, f"{r}-{mode}.json")
+                subprocess.run([sys.executable, __file__, "--models", *args.models, "--device", "cpu", "--out", out],
+                               env={**os.environ, "BACKDOORLAB_MALLOC": mode}, check=True, stdout=subprocess.DEVNULL)
+                got = json.loads(open(out).read())
+                assert got["allocator"] == mode, got["allocator"]
+                runs.append({"round": r, "allocator": mode, "peak_matmul_gflops": got["peak_matmul_gflops"],
+                             "rows": got["rows"]})
+                print(f"round {r} {mode}: " + ", ".join(f"{x['model']} {x['images_per_s']:.0f} images/s "
+                                                      f"({x['fraction_of_peak']:.3f} of peak)" for x in got["rows"]))
+    summary = []
+    for m in args.models:
+        rate = {mode: [x["images_per_s"] for run in runs if run["allocator"] == mode for x in run["rows"]
+                       if x["model"] == m] for mode in ("system", "tuned")}
+        frac = {mode: [x["fraction_of_peak"] for run in runs if run["allocator"] == mode for x in run["rows"]
+                       if x["model"] == m] for mode in ("system", "tuned")}
+        summary.append({"model": m, "images_per_s": {k: statistics.mean(v) for k, v in rate.items()},
+                        "fraction_of_peak": {k: [min(v), statistics.mean(v), max(v)] for k, v in frac.items()},
+                        "ratio_tuned_to_system": statistics.mean(rate["tuned"]) / statistics.mean(rate["system"])})
+    path = write("train_throughput_allocator", {"rounds": args.allocator_ab, "runs": runs, "summary": summary},
+                 args.out)
+    print(table(["model", "system images/s", "tuned images/s", "tuned / system", "fraction of peak system (min-max)",
+                 "fraction of peak tuned (min-max)"],
+                [[s["model"], s["images_per_s"]["system"], s["images_per_s"]["tuned"], s["ratio_tuned_to_system"],
+                  "{:.3f}-{:.3f}".format(*s["fraction_of_peak"]["system"][::2]),
+                  "{:.3f}-{:.3f}".format(*s["fraction_of_peak"]["tuned"][::2])] for s in summary]))
     print(f"wrote {path}")
 
 

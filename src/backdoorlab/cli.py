@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .utils import tune_cpu_allocator
+
+        tune_cpu_allocator()  # before any work, so a bad BACKDOORLAB_MALLOC fails first (one line)
         return args.fn(args)
     except BackdoorLabError as exc:
         print(f"backdoorlab: error: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ from torch import nn
 from ..config import OMIT_DEFAULT
 from ..data.tensordata import TensorData
 from ..errors import check
-from ..utils import resolve_device
+from ..utils import resolve_device, tune_cpu_allocator
 from .augment import color_jitter, random_crop, random_hflip
 
 
@@ -155,6 +155,8 @@ def fit(
     cfg.validate()
     check(len(data) > 0, "cannot train on an empty dataset")
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()
     model = copy.deepcopy(model).to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
