@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -154,7 +155,8 @@ def main() -> None:
     peak = max(peak_before, peak_matmul_gflops(dev))
     for r in rows:
         r["fraction_of_peak"] = r["achieved_gflops"] / peak
-    payload = {"device": str(dev), "allocator": allocator, "peak_matmul_gflops": peak, "rows": rows}
+    payload = {"device": str(dev), "allocator": allocator, "peak_matmul_gflops": peak, "rows": rows,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if prof is not None:
         prof["conv_fraction_of_peak"] = prof["conv_gflops"] / peak
         payload["profile"] = prof
@@ -172,35 +174,41 @@ def main() -> None:
 
 def allocator_ab(args: argparse.Namespace) -> None:
     """Alternate fresh processes under each allocator setting (it is process-wide, set once)."""
-    runs: list[dict] = []
+    runs: list[dict] = []  # one fresh process per round, setting and model: its peak RSS is that model's
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.allocator_ab):
             for mode in ("system", "tuned"):
-                out = os.path.join(tmp, f"{r}-{mode}.json")
-                subprocess.run([sys.executable, __file__, "--models", *args.models, "--device", "cpu", "--out", out],
-                               env={**os.environ, "BACKDOORLAB_MALLOC": mode}, check=True, stdout=subprocess.DEVNULL)
-                got = json.loads(open(out).read())
-                assert got["allocator"] == mode, got["allocator"]
-                runs.append({"round": r, "allocator": mode, "peak_matmul_gflops": got["peak_matmul_gflops"],
-                             "rows": got["rows"]})
-                print(f"round {r} {mode}: " + ", ".join(f"{x['model']} {x['images_per_s']:.0f} images/s "
-                                                      f"({x['fraction_of_peak']:.3f} of peak)" for x in got["rows"]))
+                for m in args.models:
+                    out = os.path.join(tmp, f"{r}-{mode}-{m}.json")
+                    subprocess.run([sys.executable, __file__, "--models", m, "--device", "cpu", "--out", out],
+                                   env={**os.environ, "BACKDOORLAB_MALLOC": mode}, check=True,
+                                   stdout=subprocess.DEVNULL)
+                    got = json.loads(open(out).read())
+                    assert got["allocator"] == mode, got["allocator"]
+                    x = got["rows"][0]
+                    runs.append({"round": r, "allocator": mode, "peak_matmul_gflops": got["peak_matmul_gflops"],
+                                 "peak_rss_mb": got["peak_rss_mb"], **x})
+                    print(f"round {r} {mode}: {m} {x['images_per_s']:.0f} images/s ({x['fraction_of_peak']:.3f} "
+                          f"of peak), peak RSS {got['peak_rss_mb']:.0f} MB", flush=True)
     summary = []
     for m in args.models:
-        rate = {mode: [x["images_per_s"] for run in runs if run["allocator"] == mode for x in run["rows"]
-                       if x["model"] == m] for mode in ("system", "tuned")}
-        frac = {mode: [x["fraction_of_peak"] for run in runs if run["allocator"] == mode for x in run["rows"]
-                       if x["model"] == m] for mode in ("system", "tuned")}
+        def of(key: str, mode: str, m: str = m) -> list[float]:
+            return [run[key] for run in runs if run["allocator"] == mode and run["model"] == m]
+
+        rate, frac, rss = ({mode: of(k, mode) for mode in ("system", "tuned")}
+                           for k in ("images_per_s", "fraction_of_peak", "peak_rss_mb"))
         summary.append({"model": m, "images_per_s": {k: statistics.mean(v) for k, v in rate.items()},
+                        "peak_rss_mb": {k: max(v) for k, v in rss.items()},
                         "fraction_of_peak": {k: [min(v), statistics.mean(v), max(v)] for k, v in frac.items()},
                         "ratio_tuned_to_system": statistics.mean(rate["tuned"]) / statistics.mean(rate["system"])})
     path = write("train_throughput_allocator", {"rounds": args.allocator_ab, "runs": runs, "summary": summary},
                  args.out)
     print(table(["model", "system images/s", "tuned images/s", "tuned / system", "fraction of peak system (min-max)",
-                 "fraction of peak tuned (min-max)"],
+                 "fraction of peak tuned (min-max)", "peak RSS system / tuned (MB)"],
                 [[s["model"], s["images_per_s"]["system"], s["images_per_s"]["tuned"], s["ratio_tuned_to_system"],
                   "{:.3f}-{:.3f}".format(*s["fraction_of_peak"]["system"][::2]),
-                  "{:.3f}-{:.3f}".format(*s["fraction_of_peak"]["tuned"][::2])] for s in summary]))
+                  "{:.3f}-{:.3f}".format(*s["fraction_of_peak"]["tuned"][::2]),
+                  f"{s['peak_rss_mb']['system']:.0f} / {s['peak_rss_mb']['tuned']:.0f}"] for s in summary]))
     print(f"wrote {path}")
 
 
