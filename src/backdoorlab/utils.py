@@ -52,8 +52,9 @@ def tune_cpu_allocator() -> str:
     each step page-faults and zeroes them again. This sets the mmap and trim thresholds to 1 GiB
     (``mallopt(M_MMAP_THRESHOLD)``, ``mallopt(M_TRIM_THRESHOLD)``) so such blocks stay in the heap
     and are reused: the glibc counterpart of the alternative allocator (tcmalloc, jemalloc) that
-    PyTorch's performance tuning guide recommends for CPU training. Measured: fit() of the default
-    model 1.10x, PreAct-ResNet18 1.16x; peak RSS grows by what the heap keeps (BENCHMARKS.md).
+    PyTorch's performance tuning guide recommends for CPU training. Measured on 2 cores: ``fit()``
+    1.20x faster for the default model and 1.26x for PreAct-ResNet18, for 15% and 28% more peak
+    resident memory, which the heap keeps (``bench_train_throughput.py --allocator-ab``).
 
     Process-wide and applied once; ``fit()`` and the CLI call it. ``BACKDOORLAB_MALLOC=system``
     keeps glibc's defaults. Returns the setting in force: ``"tuned"``, or ``"system"`` (opted
@@ -66,12 +67,16 @@ def tune_cpu_allocator() -> str:
     if mode not in ("tuned", "system"):
         raise BackdoorLabError(f"BACKDOORLAB_MALLOC must be 'tuned' or 'system', got {mode!r}")
     if mode == "tuned":
+        ok = False
         try:
             libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-            ok = libc is not None and all(libc.mallopt(p, _HEAP_LIMIT) == 1
-                                          for p in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
+            if libc is not None:
+                # the mmap threshold decides where blocks come from; the trim threshold keeps glibc
+                # from handing the heap's freed top back to the OS (and faulting it in again)
+                ok = libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_LIMIT) == 1
+                libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_LIMIT)
         except (OSError, AttributeError):  # musl and other libcs: no libc.so.6 or no mallopt
-            ok = False
+            pass
         mode = "tuned" if ok else "system"
     _allocator = mode
     return mode
