@@ -32,6 +32,7 @@ x.fill_(1.0)
 print(mode, libc.mallinfo2().hblks - before)
 """
 
+# the setting exists on glibc only (elsewhere tune_cpu_allocator reports "system" and changes nothing)
 glibc = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 
 
@@ -89,12 +90,12 @@ print(tune_cpu_allocator(), h.hexdigest())
 """
 
 
+@glibc
 def test_allocator_setting_leaves_training_bit_identical():
     runs = {}
     for mode in ("system", "tuned"):
         out = subprocess.run([sys.executable, "-c", TRAIN], env={**os.environ, "BACKDOORLAB_MALLOC": mode},
                              capture_output=True, text=True, check=True).stdout.split()
         runs[out[0]] = out[1]
-    expect = {"system", "tuned"} if sys.platform == "linux" and platform.libc_ver()[0] == "glibc" else {"system"}
-    assert set(runs) == expect
-    assert len(set(runs.values())) == 1
+    assert set(runs) == {"system", "tuned"}
+    assert runs["system"] == runs["tuned"]
