@@ -22,7 +22,7 @@ def _store_path(arg: str | None) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from .bench.pipeline import run_study
     from .bench.store import ResultStore
-    from .bench.study import Study
+    from .bench.study import Study, bind_sources
     from .report.table import aggregate_table
 
     if args.data and not Path(args.data).is_dir():
@@ -30,7 +30,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     study = Study.from_yaml(args.study, variant="gpu" if args.gpu else args.variant)
     cells = study.select(args.only)
     study.validate(args.data, cells=cells)  # names, values and data files, before anything is written
+    cells = bind_sources(cells, args.data)  # run ids by the content of the files the cells read
     store = ResultStore(_store_path(args.store))
+    store.check_writable()
     run_study(study, store, data_dir=args.data, device=args.device,
               progress=False if args.no_progress else None, cells=cells)
     rows = store.rows(study.name)

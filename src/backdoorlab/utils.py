@@ -20,7 +20,11 @@ from .errors import BackdoorLabError
 def home() -> Path:
     """The cache root: ``$BACKDOORLAB_HOME`` or ``~/.cache/backdoorlab`` (house rule 6)."""
     env = os.environ.get("BACKDOORLAB_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "backdoorlab"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "backdoorlab"
+    if root.exists() and not root.is_dir():
+        what = f"BACKDOORLAB_HOME={env}" if env else f"the cache root {root}"
+        raise BackdoorLabError(f"{what} is not a directory; point BACKDOORLAB_HOME at a directory")
+    return root
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -112,8 +116,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     stay readable by the other users and servers that read them.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name what the user asked for, not the temporary file
+        raise BackdoorLabError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -43,5 +43,5 @@ def test_missing_and_corrupt_store(tmp_path):
         ResultStore(tmp_path / "none.sqlite").rows()
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(BackdoorLabError, match="not a usable SQLite file"):
+    with pytest.raises(BackdoorLabError, match="not a SQLite database"):
         ResultStore(bad).rows()

@@ -32,7 +32,10 @@ class BadNets(Attack):
         check(isinstance(patch_size, int) and 1 <= patch_size <= min(h, w),
               f"badnets: patch_size must be an integer in [1, {min(h, w)}], got {patch_size!r}")
         check(pattern in PATTERNS, f"badnets: pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
-        check(isinstance(margin, int) and margin >= 0, f"badnets: margin must be >= 0, got {margin!r}")
+        check(isinstance(margin, int) and not isinstance(margin, bool) and margin >= 0,
+              f"badnets: margin must be an integer >= 0, got {margin!r}")
+        check(_is_int(pattern_seed) and 0 <= pattern_seed < 2**63,
+              f"badnets: pattern_seed must be an integer in [0, 2**63), got {pattern_seed!r}")
         s = patch_size
         if isinstance(position, str):
             check(position in POSITIONS,
@@ -40,11 +43,14 @@ class BadNets(Attack):
             top = {"t": margin, "b": h - s - margin, "c": (h - s) // 2}[position[0]]
             left = (w - s) // 2 if position == "center" else (margin if position.endswith("left") else w - s - margin)
         else:
-            check(len(position) == 2, f"badnets: position must be [row, col], got {position!r}")
+            check(isinstance(position, (list, tuple)) and len(position) == 2 and all(map(_is_int, position)),
+                  f"badnets: position must be one of {', '.join(POSITIONS)} or [row, col] integers, got {position!r}")
             top, left = int(position[0]), int(position[1])
         check(0 <= top <= h - s and 0 <= left <= w - s,
               f"badnets: a {s}x{s} patch at ({top}, {left}) does not fit a {h}x{w} image")
         c = info.channels
+        check(_is_num(color) or (isinstance(color, (list, tuple)) and all(map(_is_num, color))),
+              f"badnets: color must be one value or {c} values in [0, 1], got {color!r}")
         col = torch.tensor([float(color)] * c if isinstance(color, (int, float)) else [float(v) for v in color])
         check(col.numel() == c and bool(((col >= 0) & (col <= 1)).all()),
               f"badnets: color must be one value or {c} values in [0, 1], got {color!r}")
@@ -64,3 +70,11 @@ class BadNets(Attack):
         s = self.size
         out[:, :, self.top:self.top + s, self.left:self.left + s] = self.patch.to(x)
         return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -7,6 +7,7 @@ its settings (target label in range, rate in (0, 1]) before anything runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -97,6 +98,11 @@ class Attack:
             x[idx] = to_uint8_nhwc(self.apply(from_uint8_nhwc(x[idx])))
             y[idx] = self.target_labels(data.y[idx])
         return PoisonedSplit(TensorData(x, y), idx, data.y.clone())
+
+    def files(self) -> dict[str, Path]:
+        """Files this attack reads, by parameter name (e.g. Blended's ``pattern`` image). Their
+        content fingerprints enter the cell's run id and cache keys, so a changed file is new work."""
+        return {}
 
     def train_hook(self) -> Hook | None:
         """A :class:`~backdoorlab.train.fit.Hook` for attacks that change training; ``None`` here."""

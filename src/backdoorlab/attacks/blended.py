@@ -28,28 +28,33 @@ class Blended(Attack):
         super().__init__(info, target, rate, mode)
         check(isinstance(alpha, (int, float)) and 0 < alpha <= 1,
               f"blended: alpha must be in (0, 1], got {alpha!r}")
+        check(isinstance(pattern, str) and pattern != "",
+              f"blended: pattern must be 'noise' or the path of an image file, got {pattern!r}")
+        check(isinstance(pattern_seed, int) and not isinstance(pattern_seed, bool) and 0 <= pattern_seed < 2**63,
+              f"blended: pattern_seed must be an integer in [0, 2**63), got {pattern_seed!r}")
         self.alpha = float(alpha)
+        self.pattern_path = None if pattern == "noise" else Path(pattern).expanduser()
         c, s = info.channels, info.size
-        if pattern == "noise":
+        if self.pattern_path is None:
             g = torch.Generator().manual_seed(int(pattern_seed))
             self.pattern = torch.rand(c, s, s, generator=g)
         else:
-            self.pattern = _load_pattern(Path(pattern), c, s)
+            self.pattern = _load_pattern(self.pattern_path, c, s)
+
+    def files(self) -> dict[str, Path]:
+        return {} if self.pattern_path is None else {"pattern": self.pattern_path}
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return (1 - self.alpha) * x + self.alpha * self.pattern.to(x)
 
 
 def _load_pattern(path: Path, channels: int, size: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+    """The pattern image at ``path`` as ``(C, size, size)`` float in [0, 1]; read within the file
+    and pixel caps of :mod:`backdoorlab.data.limits`, one line naming the file on any failure."""
+    from ..data.readers import decode_image, read_file_capped
 
     if not path.is_file():
         raise BackdoorLabError(f"blended: pattern must be 'noise' or an image file; {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L").resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BackdoorLabError(f"blended: cannot read pattern image {path}: {exc}") from None
-    t = torch.from_numpy(arr)
-    return t.permute(2, 0, 1).contiguous() if t.ndim == 3 else t[None]
+    arr = decode_image(read_file_capped(path, "blended pattern image"), f"blended pattern {path}", size,
+                       mode="RGB" if channels == 3 else "L")
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()

@@ -105,10 +105,13 @@ class Conditioned(BadNets):
         _positive(self.name, "lr", lr)
         check(isinstance(init, (str, dict)), f"{self.name}: init must be an attack spec or {SCRATCH!r}, "
                                              f"got {init!r}")
+        self._init_files: dict = {}
         if init != SCRATCH:
             from .base import ATTACKS
 
-            parent = ATTACKS.build(init, info=info)  # unknown names and bad values fail here, before a study runs
+            # unknown names and bad values fail here, before a study runs
+            parent = ATTACKS.build(init, info=info)
+            self._init_files = {f"init.{k}": v for k, v in parent.files().items()}
             check(parent.init_from() is None, f"{self.name}: init must be a data-poisoning attack, an attack "
                                               f"trained from {SCRATCH!r}, or {SCRATCH!r}, got {init!r}")
         check(optimizer in self.OPTIMIZERS, f"{self.name}: optimizer must be one of "
@@ -133,6 +136,9 @@ class Conditioned(BadNets):
 
     def init_from(self) -> str | dict | None:
         return None if self.scratch else self.init
+
+    def files(self) -> dict:
+        return dict(self._init_files)  # the init attack's files (e.g. a Blended pattern) shape this model
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         if self.warmup > 0:

@@ -9,8 +9,11 @@ any point and run again finishes the missing cells only, with no lost or duplica
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sqlite3
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -33,7 +36,7 @@ from ..registry import split_spec
 from ..train.fit import fit
 from ..utils import derive_seed, generator, resolve_device
 from .cache import ArtifactCache
-from .store import ResultStore, Row, now, versions
+from .store import ResultStore, Row, new_owner, now, versions
 from .study import TTA, Cell, Study
 
 POISON_VERSION = 1
@@ -97,8 +100,10 @@ class Pipeline:
     """Runs cells, reusing artifacts from ``cache`` and in-memory results within one run."""
 
     def __init__(self, cache: ArtifactCache | None = None, data_dir: str | None = None,
-                 device: str | torch.device = "auto", progress: bool | None = None):
+                 device: str | torch.device = "auto", progress: bool | None = None,
+                 log: Callable[[str], None] | None = None):
         self.cache = cache or ArtifactCache()
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.data_dir = data_dir
         self.device = resolve_device(device)
         self.progress = progress
@@ -116,8 +121,38 @@ class Pipeline:
 
     @staticmethod
     def _poison_cfg(cell: Cell) -> dict[str, Any]:
-        return {"dataset": to_dict(cell.dataset), "attack": cell.attack, "seed": cell.seed,
-                "holdout": cell.holdout, "v": POISON_VERSION}
+        cfg = {"dataset": to_dict(cell.dataset), "attack": cell.attack, "seed": cell.seed,
+               "holdout": cell.holdout, "v": POISON_VERSION}
+        if cell.sources:  # the files' content: every later stage's key chains from this one
+            cfg["sources"] = dict(cell.sources)
+        return cfg
+
+    def bind(self, cells: list[Cell]) -> list[Cell]:
+        """``cells`` with the content fingerprints of their files (:func:`bind_sources`)."""
+        from .study import bind_sources
+
+        return bind_sources(cells, self.data_dir)
+
+    def prepare(self, cells: list[Cell]) -> list[Cell]:
+        """Bind ``cells`` to their files' fingerprints and load (decode and check) every dataset
+        they use, before any row is written: a corrupt, truncated, oversized or one-class dataset
+        is the user's mistake and fails here with one line, leaving the store untouched, instead
+        of as an error row per cell. Decoded datasets are cached, so the cells then load them
+        from the cache. Returns the bound cells."""
+        cells = self.bind(cells)
+        seen: set[str] = set()
+        for c in cells:
+            key = canonical_json([c.dataset, c.sources])
+            if key not in seen:
+                seen.add(key)
+                self._check_source(c, self.data(c.dataset))
+        return cells
+
+    @staticmethod
+    def _check_source(cell: Cell, bundle: DataBundle) -> None:
+        want = dict(cell.sources).get("data")
+        check(want is None or bundle.fingerprint == want,
+              f"dataset {cell.dataset.name!r} at {bundle.source} changed while the study ran; run it again")
 
     def _train_cfg(self, cell: Cell, attack: Attack) -> dict[str, Any]:
         """The train stage's config. A two-phase attack (``attack.init_from()`` not ``None``) adds
@@ -139,7 +174,10 @@ class Pipeline:
         return cfg
 
     def poison(self, cell: Cell) -> Poisoned:
+        if not cell.sources:
+            cell = self.bind([cell])[0]
         bundle = self.data(cell.dataset)
+        self._check_source(cell, bundle)
         attack = ATTACKS.build(cell.attack, info=bundle.info)
         cfg = self._poison_cfg(cell)
         key = ArtifactCache.key("poison", cfg)
@@ -160,6 +198,12 @@ class Pipeline:
         return self._poisoned[key]
 
     def train(self, cell: Cell, poisoned: Poisoned, attack: Attack) -> tuple[nn.Module, dict[str, Any]]:
+        """The cell's trained model: from memory, from the cache, or trained and cached.
+
+        Concurrent runs sharing the cache train each model once: a miss takes the artifact's lock
+        (:meth:`ArtifactCache.lock`) and looks again before training, so a process that waited for
+        another one's training loads its result. A real training logs one line, ``training <model>
+        for <attack> on <dataset> seed=<s> (train key <key>)``."""
         info = self.data(cell.dataset).info
         cfg = self._train_cfg(cell, attack)
         key = ArtifactCache.key("train", cfg, poisoned.key)
@@ -168,23 +212,30 @@ class Pipeline:
         torch.manual_seed(derive_seed(cell.seed, "init"))  # only the runner seeds (house rule 2)
         model = build_model(cell.model, info.num_classes, info.channels, info.mean, info.std)
         rec = self.cache.get("train", key)
-        if rec is not None:
-            model.load_state_dict(rec["state_dict"])
-            meta = dict(rec["meta"])
-        else:
-            train_cfg = attack.train_config(cell.train)
-            if (init := attack.init_from()) is not None:  # second phase: start from the init attack's model
-                parent = dataclasses.replace(cell, attack=init)
-                base, _ = self.train(parent, self.poison(parent), ATTACKS.build(init, info=info))
-                model.load_state_dict(base.state_dict())
-            hooks = [h] if (h := attack.train_hook()) is not None else []
-            result = fit(model, poisoned.split.data, train_cfg, generator=generator(cell.seed, "train"),
-                         hooks=hooks, device=self.device, crop_pad=info.crop_pad, hflip=info.hflip,
-                         progress=self.progress)
-            model = result.model.cpu()
-            meta = {"train_wall": result.wall_time, "images_per_s": result.images_per_s,
-                    "history": result.history, "key": key}
-            self.cache.put("train", key, {"state_dict": model.state_dict(), "meta": meta})
+        lock = self.cache.lock("train", key) if rec is None else contextlib.nullcontext()
+        with lock:
+            if rec is None:
+                rec = self.cache.get("train", key)  # another process may have trained it meanwhile
+            if rec is not None:
+                model.load_state_dict(rec["state_dict"])
+                meta = dict(rec["meta"])
+            else:
+                lab = cell.labels
+                self.log(f"training {lab['model']} for {lab['attack']} on {lab['dataset']} seed={cell.seed} "
+                    f"(train key {key})")
+                train_cfg = attack.train_config(cell.train)
+                if (init := attack.init_from()) is not None:  # second phase: start from the init attack's model
+                    parent = dataclasses.replace(cell, attack=init)
+                    base, _ = self.train(parent, self.poison(parent), ATTACKS.build(init, info=info))
+                    model.load_state_dict(base.state_dict())
+                hooks = [h] if (h := attack.train_hook()) is not None else []
+                result = fit(model, poisoned.split.data, train_cfg, generator=generator(cell.seed, "train"),
+                             hooks=hooks, device=self.device, crop_pad=info.crop_pad, hflip=info.hflip,
+                             progress=self.progress)
+                model = result.model.cpu()
+                meta = {"train_wall": result.wall_time, "images_per_s": result.images_per_s,
+                        "history": result.history, "key": key}
+                self.cache.put("train", key, {"state_dict": model.state_dict(), "meta": meta})
         model.eval()
         self._models = {key: (model, meta)}  # keep the latest model only
         return model, meta
@@ -213,6 +264,8 @@ class Pipeline:
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         from ..classifier import agreement
 
+        if not cell.sources:  # a cell from the Python API, not bound by run_study
+            cell = self.bind([cell])[0]
         bundle = self.data(cell.dataset)
         attack = ATTACKS.build(cell.attack, info=bundle.info)
         poisoned = self.poison(cell)
@@ -278,39 +331,113 @@ def _summary(m: dict[str, Any]) -> str:
     return out
 
 
+#: Seconds between heartbeats of a running study's leases (well under ``store.LEASE_STALE_S``).
+HEARTBEAT_S = 30.0
+#: Seconds between looks at the cells other processes hold, once this process has run the rest.
+WAIT_POLL_S = 3.0
+
+
+class _Heartbeat:
+    """A daemon thread refreshing ``owner``'s leases every ``HEARTBEAT_S`` seconds until stopped.
+    A failed refresh (the store busy past SQLite's timeout) is retried at the next beat."""
+
+    def __init__(self, store: ResultStore, owner: str):
+        self.store, self.owner = store, owner
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backdoorlab-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.store.heartbeat(self.owner)
+            except (sqlite3.Error, BackdoorLabError, OSError):
+                pass
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_study(study: Study, store: ResultStore, *, cache: ArtifactCache | None = None,
               data_dir: str | None = None, device: str | None = None, progress: bool | None = None,
               log: Callable[[str], None] | None = None, retry_errors: bool = True,
               cells: list[Cell] | None = None) -> list[Row]:
     """Run every cell of ``study`` (or the given subset ``cells``) that ``store`` does not already
-    hold as ``ok``."""
+    hold as ``ok``; returns the rows this process ran.
+
+    Several processes may run one study on one store (and one artifact cache) at once and share
+    the work: each claims a cell (:meth:`ResultStore.claim`, a lease with its pid, host and a
+    heartbeat refreshed every ``HEARTBEAT_S`` seconds) before running it and skips the cells
+    others hold; once through its list, it waits for the cells live processes hold, taking over
+    those whose holder died, until every cell has finished (``ok`` or ``error``). A finished
+    ``ok`` row is never rewritten, and each model is trained once (see :meth:`Pipeline.train`)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    pipe = Pipeline(cache, data_dir, device or study.device, progress)
-    cells = study.cells() if cells is None else cells
+    owner, since = new_owner(), now()  # rows finished from now on by others are not rerun
+    pipe = Pipeline(cache, data_dir, device or study.device, progress, log)
+    # run ids hold the content fingerprints of the files each cell reads: a changed file is new work
+    cells = pipe.bind(study.cells() if cells is None else cells)
     done = store.status(c.run_id for c in cells)
     todo = [c for c in cells if done.get(c.run_id) != "ok" and (retry_errors or c.run_id not in done)]
+    pipe.prepare(todo)  # every dataset decoded and checked before the first row is written
     log(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
-    rows = []
+    rows: list[Row] = []
     vers = versions()
-    for i, cell in enumerate(todo, 1):
+
+    def run(i: int, cell: Cell) -> None:  # the lease on ``cell`` is held
         lab = cell.labels
         row = Row(cell.run_id, study.name, lab["dataset"], lab["model"], lab["attack"], lab["compression"],
                   lab["defense"], cell.seed, cell.config, status="running", versions=vers, started_at=now())
-        store.put(row)
-        t0 = time.perf_counter()
+        finished = False
         try:
-            out = pipe.run_cell(cell)
-            row.metrics, row.artifacts, row.status = out["metrics"], out["artifacts"], "ok"
-        except (BackdoorLabError, RuntimeError, ValueError, MemoryError) as exc:
-            row.status, row.error = "error", f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, BackdoorLabError):
-                row.metrics = {"traceback": traceback.format_exc(limit=5)}
-        row.wall_time = time.perf_counter() - t0
-        row.finished_at = now()
-        store.put(row)
+            store.put(row)  # never replaces an ok row
+            t0 = time.perf_counter()
+            try:
+                out = pipe.run_cell(cell)
+                row.metrics, row.artifacts, row.status = out["metrics"], out["artifacts"], "ok"
+            except (BackdoorLabError, RuntimeError, ValueError, MemoryError) as exc:
+                row.status, row.error = "error", f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, BackdoorLabError):
+                    row.metrics = {"traceback": traceback.format_exc(limit=5)}
+            row.wall_time = time.perf_counter() - t0
+            row.finished_at = now()
+            written = store.finish(row, owner)
+            finished = True
+        finally:
+            if not finished:  # an unexpected exception: let another process take the cell
+                with contextlib.suppress(sqlite3.Error, BackdoorLabError, OSError):
+                    store.release(cell.run_id, owner)
         rows.append(row)
         m = row.metrics
         result = _summary(m) if row.status == "ok" else row.error
+        if not written:
+            result += " (not stored: another process had finished this cell)"
         log(f"[{i}/{len(todo)}] {lab['dataset']} {lab['model']} {lab['attack']} {lab['compression']} "
             f"{lab['defense']} seed={cell.seed}: {result} ({row.wall_time:.1f} s)")
+
+    with _Heartbeat(store, owner):
+        held: dict[str, tuple[int, Cell]] = {}  # cells another process held when we came to them
+        for i, cell in enumerate(todo, 1):
+            if store.claim(cell.run_id, owner, since):
+                run(i, cell)
+            elif cell.run_id not in store.settled([cell.run_id], since):
+                held[cell.run_id] = (i, cell)
+        waiting = -1
+        while held:
+            for rid in store.settled(held, since):
+                del held[rid]
+            leases = store.leases()
+            for rid, (i, cell) in list(held.items()):
+                lease = leases.get(rid)
+                if (lease is None or not lease["alive"]) and store.claim(rid, owner, since):  # holder died
+                    del held[rid]
+                    run(i, cell)
+            if held and len(held) != waiting:
+                waiting = len(held)
+                log(f"waiting for {waiting} cells held by other processes")
+            if held:
+                time.sleep(WAIT_POLL_S)
     return rows

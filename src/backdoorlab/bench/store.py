@@ -1,8 +1,17 @@
-"""ResultStore: one SQLite row per study cell, safe against crashes and reruns.
+"""ResultStore: one SQLite row per study cell, safe against crashes, reruns and concurrent runs.
 
 The database runs in WAL mode; every write is one transaction, so a process killed with
 SIGKILL leaves each row either fully written or absent. Rows are keyed by ``run_id`` (a hash of
-the cell's full configuration), so a rerun replaces a row rather than duplicating it.
+the cell's full configuration), so a rerun replaces a row rather than duplicating it; a finished
+(``ok``) row is never replaced by an unfinished or failed one.
+
+Several processes (on one host or several hosts sharing the file) may run one study on one store
+at once: each *claims* a cell before running it (:meth:`ResultStore.claim`), which takes a lease
+row (owner, pid, host, heartbeat) in the ``leases`` table. A lease is honoured while its holder is
+alive: on the same host, its pid exists and its heartbeat is fresher than :data:`LEASE_STALE_S`;
+on another host, its heartbeat is fresh. Otherwise the next claimant takes it over. The holder
+refreshes its heartbeat (:meth:`ResultStore.heartbeat`) and writes its result and drops its lease
+in one transaction (:meth:`ResultStore.finish`).
 """
 
 from __future__ import annotations
@@ -10,14 +19,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import sqlite3
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import BackdoorLabError
+
+_T = TypeVar("_T")
 
 AXES = ("dataset", "model", "attack", "compression", "defense")
 SCHEMA = """
@@ -41,7 +54,47 @@ CREATE TABLE IF NOT EXISTS results (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS results_study ON results(study);
+CREATE TABLE IF NOT EXISTS leases (
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    heartbeat REAL NOT NULL
+);
 """
+
+# A row no process should run again: ``ok``, or finished (``error``) at or after the bound
+# parameter ``since`` (another process ran it while this one was running the study); NULL = no bound.
+_SETTLED = "(status = 'ok' OR (status != 'running' AND finished_at >= ?))"
+
+#: A lease whose heartbeat is older than this many seconds is taken over, whoever holds it (its
+#: holder refreshes it every ``pipeline.HEARTBEAT_S`` seconds while alive). A module constant so a
+#: test can make it small.
+LEASE_STALE_S = 120.0
+
+
+def new_owner() -> str:
+    """An id for one process's leases: ``host:pid:uuid`` (the uuid tells apart a pid reused later)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:  # e.g. an invalid pid
+        return False
+    return True
+
+
+def _holder_alive(pid: int, host: str, heartbeat: float, at: float) -> bool:
+    """Whether a lease's holder counts as alive at time ``at`` (see the module docstring)."""
+    if at - heartbeat > LEASE_STALE_S:
+        return False
+    return host != socket.gethostname() or _pid_alive(pid)
 
 
 def versions() -> dict[str, str]:
@@ -89,7 +142,10 @@ class ResultStore:
     def _connect(self, create: bool) -> sqlite3.Connection:
         if not create and not self.path.exists():
             raise BackdoorLabError(f"no result store at {self.path}; run a study first")
+        if self.path.is_dir():
+            raise BackdoorLabError(f"result store {self.path} is a directory; give the path of a file")
         if create:
+            self.check_writable()
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             con = sqlite3.connect(self.path, timeout=60)
@@ -99,21 +155,152 @@ class ResultStore:
                 con.executescript(SCHEMA)
             return con
         except sqlite3.DatabaseError as exc:
-            raise BackdoorLabError(f"result store {self.path} is not a usable SQLite file: {exc}") from None
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise BackdoorLabError(f"result store {self.path} is not a SQLite database ({exc})") from None
+            raise BackdoorLabError(f"cannot open result store {self.path}: {exc}; check that the file "
+                                   f"and its directory {self.path.parent} are writable") from None
 
-    def put(self, row: Row) -> None:
-        """Insert or replace ``row`` in one transaction."""
+    def check_writable(self) -> None:
+        """One line naming the path if the store cannot be created or written here (a missing
+        parent that cannot be made, a directory without write permission, a read-only file)."""
+        if self.path.is_dir():
+            raise BackdoorLabError(f"result store {self.path} is a directory; give the path of a file")
+        if self.path.exists():
+            ok = os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)  # WAL files beside it
+            if not ok:
+                raise BackdoorLabError(f"result store {self.path} is not writable (it or its directory "
+                                       f"{self.path.parent} is read-only)")
+            return
+        parent = self.path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise BackdoorLabError(f"cannot create result store {self.path}: {parent} is not a directory")
+        try:  # a real probe: permission bits do not tell root's or a read-only mount's story
+            import tempfile
+
+            fd, probe = tempfile.mkstemp(prefix=".backdoorlab-probe.", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise BackdoorLabError(f"cannot create result store {self.path}: directory {parent} is not writable "
+                                   f"({exc.strerror or exc})") from None
+
+    @staticmethod
+    def _upsert(con: sqlite3.Connection, row: Row, where: str) -> bool:
+        """Insert ``row``, or replace the stored row with it where ``where`` holds (SQL over
+        ``results``, the stored row, and ``excluded``, the new one); whether it was written."""
         values = {k: getattr(row, k) for k in Row.__dataclass_fields__}
         for k in _JSON_COLS:
             values[k] = json.dumps(values[k], sort_keys=True, default=str)
         cols = ", ".join(values)
         marks = ", ".join(f":{k}" for k in values)
+        sets = ", ".join(f"{k} = excluded.{k}" for k in values if k != "run_id")
+        cur = con.execute(f"INSERT INTO results ({cols}) VALUES ({marks}) "
+                          f"ON CONFLICT(run_id) DO UPDATE SET {sets} WHERE {where}", values)
+        return cur.rowcount > 0
+
+    def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn(con)`` inside one ``BEGIN IMMEDIATE`` transaction (the write lock is taken first,
+        so a read-then-write is atomic against other processes), committed if it returns."""
         con = self._connect(create=True)
         try:
-            with con:
-                con.execute(f"INSERT OR REPLACE INTO results ({cols}) VALUES ({marks})", values)
+            con.isolation_level = None  # explicit transactions only
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(con)
+                con.execute("COMMIT")
+                return out
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
         finally:
             con.close()
+
+    def put(self, row: Row) -> None:
+        """Insert or replace ``row`` in one transaction; an ``ok`` row is never replaced by a row
+        that is not ``ok`` (that write is dropped)."""
+        self._write(
+            lambda con: self._upsert(con, row, "results.status != 'ok' OR excluded.status = 'ok'"))
+
+    # -------------------------------------------------------------- leases (concurrent runs)
+    def claim(self, run_id: str, owner: str, since: float | None = None) -> bool:
+        """Take the lease on cell ``run_id`` for ``owner`` (from :func:`new_owner`), in one
+        ``BEGIN IMMEDIATE`` transaction. Refused (``False``) if the cell's row is ``ok``, if it is
+        an error that finished at or after ``since`` (another process ran it during this run), or
+        if another owner's lease on it is alive (see the module docstring); a dead or stale lease
+        is taken over. Returns ``True`` when ``owner`` holds the lease."""
+        host, pid, at = socket.gethostname(), os.getpid(), now()
+
+        def go(con: sqlite3.Connection) -> bool:
+            if con.execute(f"SELECT 1 FROM results WHERE run_id = ? AND {_SETTLED}",
+                           (run_id, since)).fetchone() is not None:
+                return False
+            lease = con.execute("SELECT owner, pid, host, heartbeat FROM leases WHERE run_id = ?",
+                                (run_id,)).fetchone()
+            if lease is not None and lease[0] != owner and _holder_alive(lease[1], lease[2], lease[3], at):
+                return False
+            con.execute("INSERT OR REPLACE INTO leases (run_id, owner, pid, host, heartbeat) "
+                        "VALUES (?, ?, ?, ?, ?)", (run_id, owner, pid, host, at))
+            return True
+
+        return self._write(go)
+
+    def settled(self, run_ids: Iterable[str], since: float | None = None) -> set[str]:
+        """The ids among ``run_ids`` that :meth:`claim` refuses whatever the leases: ``ok``, or
+        finished (not ``running``) at or after ``since``."""
+        if not self.path.exists():
+            return set()
+        ids = list(run_ids)
+        con = self._connect(create=False)
+        try:
+            out: set[str] = set()
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                q = f"SELECT run_id FROM results WHERE run_id IN ({','.join('?' * len(chunk))}) AND {_SETTLED}"
+                out.update(r[0] for r in con.execute(q, [*chunk, since]).fetchall())
+            return out
+        except sqlite3.OperationalError:  # a store without the table yet
+            return set()
+        finally:
+            con.close()
+
+    def heartbeat(self, owner: str) -> int:
+        """Refresh the heartbeat of every lease ``owner`` holds; returns how many it holds."""
+        return self._write(lambda con: con.execute(
+            "UPDATE leases SET heartbeat = ? WHERE owner = ?", (now(), owner)).rowcount)
+
+    def release(self, run_id: str, owner: str) -> None:
+        """Drop ``owner``'s lease on ``run_id`` (nothing if another owner holds it now)."""
+        self._write(lambda con: con.execute(
+            "DELETE FROM leases WHERE run_id = ? AND owner = ?", (run_id, owner)))
+
+    def finish(self, row: Row, owner: str) -> bool:
+        """Write the finished ``row`` and drop ``owner``'s lease on it, in one transaction. A stored
+        ``ok`` row is never rewritten (returns ``False``: another process finished the cell first,
+        after taking over a lease it judged dead); otherwise returns ``True``."""
+        def go(con: sqlite3.Connection) -> bool:
+            written = self._upsert(con, row, "results.status != 'ok'")
+            con.execute("DELETE FROM leases WHERE run_id = ? AND owner = ?", (row.run_id, owner))
+            return written
+
+        return self._write(go)
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        """``{run_id: {owner, pid, host, heartbeat, alive}}`` for the leases in the store."""
+        if not self.path.exists():
+            return {}
+        con = self._connect(create=False)
+        try:
+            fetched = con.execute("SELECT run_id, owner, pid, host, heartbeat FROM leases").fetchall()
+        except sqlite3.OperationalError:  # a store from before leases
+            return {}
+        finally:
+            con.close()
+        at = now()
+        return {r[0]: {"owner": r[1], "pid": r[2], "host": r[3], "heartbeat": r[4],
+                       "alive": _holder_alive(r[2], r[3], r[4], at)} for r in fetched}
 
     def status(self, run_ids: Iterable[str]) -> dict[str, str]:
         """``{run_id: status}`` for the ids present in the store."""

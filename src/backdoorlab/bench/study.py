@@ -60,6 +60,9 @@ class Cell:
     train: TrainConfig
     holdout: float
     tta: str = "none"
+    # content fingerprints of the files the cell reads: ("data", "sha256:...") for the dataset's
+    # archive or folder, ("attack.pattern", ...) for an attack's files; filled by bind_sources()
+    sources: tuple[tuple[str, str], ...] = ()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -70,6 +73,8 @@ class Cell:
                "train": to_dict(self.train), "holdout": self.holdout}
         if self.tta != "none":  # only then, so that run ids of studies without it stay as they were
             cfg["tta"] = self.tta
+        if self.sources:  # cells on files: a changed file is a new cell (digits reads none)
+            cfg["sources"] = dict(self.sources)
         return cfg
 
     @property
@@ -155,11 +160,26 @@ class Study:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], default_name: str = "study", variant: str | None = None) -> Study:
+        """Build a study from its settings, checking the type of every one (and the values that need
+        no registry) with one-line errors that name the setting; then :meth:`validate` (no data)."""
         import difflib
+        import re
 
-        variants = raw.get("variants") or {}
-        check(isinstance(variants, dict), "study 'variants' must map variant names to settings")
+        safe = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+        safe_text = "letters, digits, '.', '_' and '-' (at most 100, starting with a letter or digit)"
+
+        def label_ok(v: Any) -> bool:
+            return isinstance(v, str) and safe.fullmatch(v) is not None
+
+        if "name" in raw:  # it labels every result row and is what `results --study` selects by
+            check(label_ok(raw["name"]), f"study name must be a non-empty string of {safe_text}, "
+                                         f"got {raw['name']!r}")
+        variants = raw.get("variants")
+        variants = {} if variants is None else variants
+        check(isinstance(variants, dict), f"study 'variants' must map variant names to settings, got {variants!r}")
         for vname, over in variants.items():
+            check(label_ok(vname), f"study variant names extend the study name and must be strings of {safe_text}, "
+                                   f"got {vname!r}")
             check(isinstance(over, dict) and "variants" not in over and "name" not in over,
                   f"study variant {vname!r} must be a mapping of settings (without name or variants)")
         if variant is not None:
@@ -184,32 +204,52 @@ class Study:
             check(isinstance(v, list) and len(v) > 0, f"study '{key}' must be a non-empty list")
             return v
 
-        train_raw = raw.get("train") or {}
-        check(isinstance(train_raw, dict), "study 'train' must be a mapping of training settings")
+        def is_spec(s: Any) -> bool:
+            if isinstance(s, dict):
+                s = s.get("name")
+            return isinstance(s, str) and s.strip() != ""
+
+        def specs(key: str, default: list[Any], chains: bool = False) -> list[Any]:
+            items = as_list(key, default)
+            what = "a name or a mapping with a 'name'" + (", or a list of those (a chain)" if chains else "")
+            for s in items:
+                chain = chains and isinstance(s, list) and len(s) > 0 and all(is_spec(p) for p in s)
+                check(is_spec(s) or chain, f"study '{key}' entries must each be {what}, got {s!r}")
+            return items
+
+        def text(key: str, default: str, allow_null: bool = False) -> str:
+            v = raw.get(key, default)
+            v = default if v is None and allow_null else v
+            check(isinstance(v, str), f"study {key} must be a string, got {v!r}")
+            return v
+
+        train_raw = raw.get("train")
+        train_raw = {} if train_raw is None else train_raw
+        check(isinstance(train_raw, dict), f"study 'train' must be a mapping of training settings, got {train_raw!r}")
         train = from_dict(TrainConfig, train_raw, what="train")
         train.validate()
         seeds = as_list("seeds", [0])
         for s in seeds:
-            check(isinstance(s, int) and not isinstance(s, bool) and s >= 0,
-                  f"seeds must be non-negative integers, got {s!r}")
+            check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32,
+                  f"seeds must be non-negative integers below 2**32, got {s!r}")
         holdout = raw.get("holdout", 0.05)
-        check(isinstance(holdout, (int, float)) and 0 <= holdout < 1,
-              f"holdout must be in [0, 1), got {holdout!r}")
+        check(isinstance(holdout, (int, float)) and not isinstance(holdout, bool) and 0 <= holdout < 1,
+              f"holdout must be a number in [0, 1), got {holdout!r}")
         tta = raw.get("tta", "none")
-        check(tta in TTA, f"tta must be one of {', '.join(TTA)}, got {tta!r}")
+        check(isinstance(tta, str) and tta in TTA, f"tta must be one of {', '.join(TTA)}, got {tta!r}")
         study = cls(
             name=str(raw.get("name", default_name)),
-            datasets=[DatasetConfig.from_spec(d) for d in as_list("datasets", [])],
-            models=as_list("models", []),
-            attacks=as_list("attacks", []),
-            compress=as_list("compress", ["fp32"]),
-            defenses=as_list("defenses", ["none"]),
+            datasets=[DatasetConfig.from_spec(d) for d in specs("datasets", [])],
+            models=specs("models", []),
+            attacks=specs("attacks", []),
+            compress=specs("compress", ["fp32"], chains=True),
+            defenses=specs("defenses", ["none"]),
             seeds=seeds,
             train=train,
             holdout=float(holdout),
-            device=str(raw.get("device", "auto")),
-            description=str(raw.get("description", "")),
-            tta=str(tta),
+            device=text("device", "auto"),
+            description=text("description", "", allow_null=True),
+            tta=tta,
         )
         study.validate(check_data=False)  # data files are checked where data_dir is known
         return study
@@ -242,3 +282,30 @@ class Study:
                   f"(a flip changes its classes); use tta: none")
             for a in self.attacks:
                 ATTACKS.build(a, info=info)  # checks target range, rate, patch fit, files
+
+
+def bind_sources(cells: list[Cell], data_dir: str | os.PathLike | None = None) -> list[Cell]:
+    """``cells`` with :attr:`Cell.sources` set to the content fingerprints of the files each one
+    reads: its dataset's archive or folder as located from ``data_dir`` and the files its attack
+    names (:meth:`~backdoorlab.attacks.base.Attack.files`). Fingerprints are cached by ``stat``
+    signature, so binding an unchanged study costs a few ``stat`` calls."""
+    import dataclasses
+
+    from ..attacks import ATTACKS
+    from ..data.datasets import source_fingerprint
+    from ..data.fingerprint import fingerprint
+
+    data_fp: dict[str, str | None] = {}
+    attack_fp: dict[str, dict[str, str]] = {}
+    out = []
+    for c in cells:
+        if c.dataset.name not in data_fp:
+            data_fp[c.dataset.name] = source_fingerprint(c.dataset.name, data_dir)
+        akey = canonical_json([c.attack, c.dataset])
+        if akey not in attack_fp:
+            files = ATTACKS.build(c.attack, info=c.dataset.info()).files()
+            attack_fp[akey] = {f"attack.{k}": fingerprint(p) for k, p in sorted(files.items())}
+        src = {} if data_fp[c.dataset.name] is None else {"data": data_fp[c.dataset.name]}
+        src.update(attack_fp[akey])
+        out.append(dataclasses.replace(c, sources=tuple(sorted(src.items()))))
+    return out

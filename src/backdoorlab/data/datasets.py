@@ -27,7 +27,7 @@ from ..utils import home
 from . import readers
 from .tensordata import TensorData
 
-READER_VERSION = 1
+READER_VERSION = 2  # 2: decode cache keyed by the source's content fingerprint
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class DataBundle:
     train: TensorData
     test: TensorData
     source: str = ""
+    fingerprint: str | None = None  # content fingerprint of the files read (None: no files)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,11 @@ class DatasetConfig:
         return cfg
 
     def validate(self) -> None:
+        from ..config import check_fields
+
+        check_fields(self, f"dataset {self.name!r}")
+        check(0 <= self.subset_seed < 2**32, f"dataset {self.name!r} subset_seed must be an integer in "
+                                             f"[0, 2**32), got {self.subset_seed!r}")
         if self.size is not None:
             check(self.name == "gtsrb", f"dataset {self.name!r} has a fixed image size; drop 'size'")
             check(isinstance(self.size, int) and 8 <= self.size <= 512,
@@ -189,42 +195,60 @@ def locate(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
     )
 
 
-def _source_key(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+def source_fingerprint(name: str, data_dir: str | os.PathLike | None = None) -> str | None:
+    """Content fingerprint of dataset ``name``'s files as located (``None``: it reads no files)."""
+    from .fingerprint import fingerprint
+
+    path = locate(name, data_dir)
+    return None if path is None else fingerprint(path)
 
 
-def _load_full(cfg: DatasetConfig, data_dir: str | os.PathLike | None) -> tuple[dict, str]:
+def _load_full(cfg: DatasetConfig, data_dir: str | os.PathLike | None) -> tuple[dict, str, str | None]:
+    from .fingerprint import fingerprint
+
     entry = DATASETS.build(cfg.name)
     path = locate(cfg.name, data_dir)
+    fp = None if path is None else fingerprint(path)
     params = cfg.read_params()
-    key = stable_hash(cfg.name, params, _source_key(path), READER_VERSION)
+    key = stable_hash(cfg.name, params, fp or "", READER_VERSION)  # by content, not by path or date
     cache = home() / "datasets" / f"{cfg.name}-{key}"
     files = [cache / f"{s}_{k}.npy" for s in ("train", "test") for k in ("x", "y")]
     if all(f.exists() for f in files):
         try:
             arrays = {s: (np.load(cache / f"{s}_x.npy"), np.load(cache / f"{s}_y.npy"))
                       for s in ("train", "test")}
-            return arrays, str(path or cfg.name)
+            return arrays, str(path or cfg.name), fp
         except (OSError, ValueError):
             shutil.rmtree(cache, ignore_errors=True)  # a damaged cache is rebuilt
     arrays = entry.read(path, **params)
+    _check_arrays(cfg.name, path, arrays)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
         for s, (x, y) in arrays.items():
             np.save(tmp / f"{s}_x.npy", x)
             np.save(tmp / f"{s}_y.npy", y)
-        (tmp / "source.json").write_text(json.dumps({"source": str(path), "params": params}))
+        (tmp / "source.json").write_text(json.dumps({"source": str(path), "fingerprint": fp, "params": params}))
         try:
             os.replace(tmp, cache)  # atomic publish of the whole directory
         except OSError:
             pass  # another process published it first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return arrays, str(path or cfg.name)
+    return arrays, str(path or cfg.name), fp
+
+
+def _check_arrays(name: str, path: Path | None, arrays: dict[str, readers.Arrays]) -> None:
+    """A dataset a study can learn from and be scored on: both splits present and non-empty,
+    images and labels of equal count, at least two classes to train on."""
+    where = f"dataset {name!r} at {path}" if path is not None else f"dataset {name!r}"
+    for split in ("train", "test"):
+        check(split in arrays and len(arrays[split][0]) > 0, f"{where} has no {split} images")
+        x, y = arrays[split]
+        check(len(x) == len(y), f"{where}: {split} has {len(x)} images but {len(y)} labels")
+    classes = np.unique(arrays["train"][1])
+    check(len(classes) >= 2, f"{where} has {len(classes)} class in its training split; "
+                             "a classifier needs at least 2")
 
 
 def stratified_subset(y: torch.Tensor, limit: int, g: torch.Generator) -> torch.Tensor:
@@ -248,7 +272,7 @@ def load_dataset(
 ) -> DataBundle:
     """Load a registered dataset as uint8 NHWC :class:`TensorData` splits (cached decode)."""
     cfg = spec if isinstance(spec, DatasetConfig) else DatasetConfig.from_spec(spec)
-    arrays, source = _load_full(cfg, data_dir)
+    arrays, source, fp = _load_full(cfg, data_dir)
     info = cfg.info()
     splits = {}
     for s, limit in (("train", cfg.train_limit), ("test", cfg.test_limit)):
@@ -258,6 +282,7 @@ def load_dataset(
             g = torch.Generator().manual_seed(cfg.subset_seed * 2 + (s == "test"))
             data = data.subset(stratified_subset(data.y, limit, g))
         splits[s] = data
-    check(int(splits["train"].y.max()) < info.num_classes,
-          f"dataset {cfg.name!r} at {source} has more classes than {info.num_classes}")
-    return DataBundle(info=info, train=splits["train"], test=splits["test"], source=source)
+    for s in ("train", "test"):
+        check(int(splits[s].y.max()) < info.num_classes,
+              f"dataset {cfg.name!r} at {source} has more classes than {info.num_classes}")
+    return DataBundle(info=info, train=splits["train"], test=splits["test"], source=source, fingerprint=fp)

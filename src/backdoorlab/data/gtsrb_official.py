@@ -109,12 +109,7 @@ class _Files:
 
     def reader(self) -> Callable[[str], bytes]:
         def read(name: str) -> bytes:
-            try:
-                return (self.path / name).read_bytes()
-            except OSError as exc:
-                raise BackdoorLabError(
-                    f"cannot read GTSRB image {self.path / name}: {exc.strerror or exc}"
-                ) from None
+            return readers.read_file_capped(self.path / name, "GTSRB image")
 
         return read
 

@@ -3,25 +3,56 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
+from ..config import check_params as check_param_types
+from ..errors import check
 from ..registry import Registry, split_spec
 from .common import ImageClassifier, Normalize
 
-MODELS: Registry[nn.Module] = Registry("model")
+DATASET_PARAMS = ("num_classes", "in_channels", "mean", "std")
+"""Factory parameters that :func:`build_model` sets from the dataset; a study cannot set them."""
+
+
+class ModelRegistry(Registry[nn.Module]):
+    """Model factories by name. :meth:`check_params` checks a spec's parameters before anything is
+    built: their names, their types (from the factory's annotations) and their values (the
+    factory's module-level ``check_params``, registered with it)."""
+
+    def __init__(self) -> None:
+        super().__init__("model")
+        self._checks: dict[str, Callable[..., None]] = {}
+
+    def add(self, name: str, factory: Callable[..., nn.Module],
+            check_values: Callable[..., None] | None = None) -> None:
+        self.register(name)(factory)
+        if check_values is not None:
+            self._checks[name] = check_values
+
+    def check_params(self, name: str, params: Mapping[str, Any]) -> None:
+        super().check_params(name, params)
+        for key in params:
+            check(key not in DATASET_PARAMS,
+                  f"model {name!r} parameter {key!r} is set from the dataset; remove it from the model spec")
+        check_param_types(self.get(name), params, what=f"model {name!r}")
+        if params and name in self._checks:
+            self._checks[name](**params)
+
+
+MODELS = ModelRegistry()
 DEFAULT_MODEL = "small-cnn"
 
 
 def _register() -> None:
     from . import mobilenetv2, preact_resnet, small, vgg
 
-    MODELS.register("small-cnn")(small.small_cnn)
-    MODELS.register("preact-resnet18")(preact_resnet.preact_resnet18)
-    MODELS.register("vgg16-bn")(vgg.vgg16_bn)
-    MODELS.register("mobilenetv2")(mobilenetv2.mobilenetv2)
+    MODELS.add("small-cnn", small.small_cnn, small.check_params)
+    MODELS.add("preact-resnet18", preact_resnet.preact_resnet18)
+    MODELS.add("vgg16-bn", vgg.vgg16_bn)
+    MODELS.add("mobilenetv2", mobilenetv2.mobilenetv2, mobilenetv2.check_params)
 
 
 _register()

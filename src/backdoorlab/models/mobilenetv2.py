@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..errors import check
 from .common import ImageClassifier, Normalize
 from .small import _fit
 
@@ -40,10 +41,19 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_res else out
 
 
+def check_params(width_mult: float = 1.0) -> None:
+    """Values of the user settings (their types are checked from the signature by the registry)."""
+    check(isinstance(width_mult, (int, float)) and not isinstance(width_mult, bool) and 0 < width_mult <= 4,
+          f"model 'mobilenetv2' width_mult must be a number in (0, 4], got {width_mult!r}")
+
+
 def mobilenetv2(
     num_classes: int, in_channels: int = 3, mean: Sequence[float] = (0.5,),
     std: Sequence[float] = (0.25,), width_mult: float = 1.0,
 ) -> ImageClassifier:
+    """``width_mult``: channel multiplier of every layer (a user setting; 1.0 is the paper's)."""
+    check_params(width_mult=width_mult)
+
     def ch(c: int) -> int:
         return max(8, int(c * width_mult + 4) // 8 * 8)
 

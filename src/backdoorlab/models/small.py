@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..errors import check
 from .common import ImageClassifier, Normalize
 
 
@@ -25,8 +26,10 @@ def small_cnn(
     in_channels: int = 3,
     mean: Sequence[float] = (0.5,),
     std: Sequence[float] = (0.25,),
-    widths: Sequence[int] = (32, 64, 128, 256),
+    widths: tuple[int, int, int, int] = (32, 64, 128, 256),
 ) -> ImageClassifier:
+    """``widths``: output channels of the stem and of the three blocks (a user setting)."""
+    check_params(widths=widths)
     w0, w1, w2, w3 = widths
     body = nn.Sequential(
         *_conv_bn(in_channels, w0), nn.MaxPool2d(2),
@@ -37,6 +40,12 @@ def small_cnn(
     )
     return ImageClassifier(Normalize(_fit(mean, in_channels), _fit(std, in_channels)), body,
                            nn.Linear(w3, num_classes))
+
+
+def check_params(widths: Sequence[int] = (32, 64, 128, 256)) -> None:
+    """Values of the user settings (their types are checked from the signature by the registry)."""
+    check(len(widths) == 4 and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 4096 for w in widths),
+          f"model 'small-cnn' widths must be 4 integers in [1, 4096], got {widths!r}")
 
 
 def _fit(v: Sequence[float], c: int) -> list[float]:

@@ -323,8 +323,11 @@ def write_report(rows: Sequence[Row], out: str | os.PathLike, *, cache=None,
     if out.exists() and not (out.is_dir() and ((out / "index.html").exists() or not any(out.iterdir()))):
         raise BackdoorLabError(f"--out {out} exists and is not an earlier report; choose a new directory")
     page, files = build_report(rows, cache=cache, title=title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:  # name the directory the user gave, not the temporary one
+        raise BackdoorLabError(f"cannot write the report into {out}: {exc.strerror or exc}") from None
     try:
         for rel, data in {**files, "index.html": page.encode("utf-8")}.items():
             p = tmp / rel

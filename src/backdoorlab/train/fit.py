@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import OMIT_DEFAULT
+from ..config import OMIT_DEFAULT, check_fields
 from ..data.tensordata import TensorData
 from ..errors import check
 from ..utils import resolve_device, tune_cpu_allocator
@@ -57,17 +57,37 @@ class TrainConfig:
     contrast: float = field(default=0.0, metadata=OMIT_DEFAULT)
 
     def validate(self) -> None:
-        check(isinstance(self.epochs, int) and self.epochs >= 0, f"train epochs must be >= 0, got {self.epochs!r}")
-        check(isinstance(self.batch_size, int) and self.batch_size > 0,
-              f"train batch_size must be a positive integer, got {self.batch_size!r}")
-        check(self.lr > 0, f"train lr must be > 0, got {self.lr!r}")
+        """One-line errors for a wrong type or an out-of-range value (before any training)."""
+        _integer("epochs", self.epochs, 1, " (0 epochs would score an untrained model)")
+        _integer("batch_size", self.batch_size, 1)
+        _number("lr", self.lr, 0, None, lo_open=True)
+        _number("momentum", self.momentum, 0, 1)
+        _number("weight_decay", self.weight_decay, 0, None)
+        _number("warmup", self.warmup, 0, 1)
+        _number("label_smoothing", self.label_smoothing, 0, 1)
+        for name in ("brightness", "contrast"):
+            _number(name, getattr(self, name), 0, 1, hi_open=False)
+        if self.crop_pad is not None:
+            _integer("crop_pad", self.crop_pad, 0)
         check(self.schedule in ("onecycle", "cosine"),
               f"train schedule must be 'onecycle' or 'cosine', got {self.schedule!r}")
-        check(0 <= self.warmup < 1, f"train warmup must be in [0, 1), got {self.warmup!r}")
-        for name in ("brightness", "contrast"):
-            v = getattr(self, name)
-            check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
-                  f"train {name} must be a number in [0, 1], got {v!r}")
+        check_fields(self, "train")  # the rest: true/false settings, null where allowed
+        check(not self.nesterov or self.momentum > 0,
+              "train nesterov needs momentum > 0; set nesterov: false for plain SGD")
+
+
+def _integer(name: str, v: Any, lo: int, why: str = "") -> None:
+    check(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+          f"train {name} must be an integer >= {lo}{why}, got {v!r}")
+
+
+def _number(name: str, v: Any, lo: float, hi: float | None, lo_open: bool = False, hi_open: bool = True) -> None:
+    """``v`` is a real number (not a bool) in the interval, written as the message shows it."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    where = (f"> {lo:g}" if lo_open else f">= {lo:g}") if hi is None else \
+        f"in [{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    check(ok, f"train {name} must be a number {where}, got {v!r}")
 
 
 @dataclass
