@@ -6,7 +6,9 @@ Modelled on timm's ``list_models`` / ``create_model`` pattern. A *spec* is a nam
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
@@ -26,6 +28,32 @@ def split_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         params = {k: v for k, v in spec.items() if k != "name"}
         return str(spec["name"]), params
     raise BackdoorLabError(f"a spec must be a name or a mapping with 'name', got {spec!r}")
+
+
+@functools.cache
+def config_class(fn: Callable[..., Any]) -> type:
+    """The config dataclass of a registered method: one frozen field per keyword parameter of
+    ``fn`` (a factory, or a class's ``__init__``) that has a default, with the parameter's
+    annotation and default (the paper's hyperparameters, house rule 7). Parameters without a
+    default are the ones the runner injects (``info``, ``num_classes`` ...), and ``**kwargs``
+    pass through unchecked. Generated from the signature, so a method's settings are written
+    once, in its signature, and every method gets a validated config for free."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    fields = []
+    for p in inspect.signature(target).parameters.values():
+        if p.name == "self" or p.default is p.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        default = p.default
+        if isinstance(default, (list, dict, set)):  # a mutable default: a factory, as dataclasses require
+            default = dataclasses.field(default_factory=functools.partial(type(default), default))
+        else:
+            default = dataclasses.field(default=default)
+        ann = p.annotation if p.annotation is not p.empty else Any
+        fields.append((p.name, ann, default))
+    name = f"{getattr(fn, '__name__', 'Method')}Config"
+    cls = dataclasses.make_dataclass(name, fields, frozen=True)
+    cls.__module__ = getattr(target, "__module__", __name__)  # string annotations resolve in fn's module
+    return cls
 
 
 class Registry(Generic[T]):
@@ -77,10 +105,27 @@ class Registry(Generic[T]):
         name, params = split_spec(spec)
         self.check_params(name, params)
 
-    def build(self, spec: str | Mapping[str, Any], **extra: Any) -> T:
+    def config(self, spec: str | Mapping[str, Any]) -> Any:
+        """The validated config dataclass of ``spec`` (:func:`config_class`): every parameter with
+        its value or default, each type-checked against the method's annotation (one line naming
+        the parameter otherwise)."""
+        from .config import from_dict
+
         name, params = split_spec(spec)
         self.check_params(name, params)
+        cls = config_class(self.get(name))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return from_dict(cls, {k: v for k, v in params.items() if k in known}, what=f"{self.kind} {name!r}")
+
+    def build(self, spec: str | Mapping[str, Any], **extra: Any) -> T:
+        """Build ``spec`` with ``extra`` (injected by the runner). Names and types of the spec's
+        parameters are a user's mistake (one line); a ``TypeError`` raised *inside* the method is
+        a bug and keeps its traceback (house rule 9)."""
+        name, params = split_spec(spec)
+        self.config(spec)
+        fn = self.get(name)
         try:
-            return self.get(name)(**params, **extra)
-        except TypeError as exc:  # wrong argument types surface as one line
+            inspect.signature(fn).bind(**params, **extra)
+        except TypeError as exc:
             raise BackdoorLabError(f"{self.kind} {name!r}: {exc}") from None
+        return fn(**params, **extra)

@@ -26,8 +26,9 @@ class BadNets(Attack):
 
     def __init__(self, info: DatasetInfo, target: int = 0, rate: float = 0.1, mode: str = "all-to-one",
                  patch_size: int = 3, position: str | Sequence[int] = "bottom-right", margin: int = 0,
-                 color: float | Sequence[float] = 1.0, pattern: str = "solid", pattern_seed: int = 0):
-        super().__init__(info, target, rate, mode)
+                 color: float | Sequence[float] = 1.0, pattern: str = "solid", pattern_seed: int = 0,
+                 sources: list[int] | None = None):
+        super().__init__(info, target, rate, mode, sources)
         h = w = info.size
         check(isinstance(patch_size, int) and 1 <= patch_size <= min(h, w),
               f"badnets: patch_size must be an integer in [1, {min(h, w)}], got {patch_size!r}")

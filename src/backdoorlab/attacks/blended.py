@@ -24,8 +24,9 @@ class Blended(Attack):
     name = "blended"
 
     def __init__(self, info: DatasetInfo, target: int = 0, rate: float = 0.1, mode: str = "all-to-one",
-                 alpha: float = 0.2, pattern: str = "noise", pattern_seed: int = 0):
-        super().__init__(info, target, rate, mode)
+                 alpha: float = 0.2, pattern: str = "noise", pattern_seed: int = 0,
+                 sources: list[int] | None = None):
+        super().__init__(info, target, rate, mode, sources)
         check(isinstance(alpha, (int, float)) and 0 < alpha <= 1,
               f"blended: alpha must be in (0, 1], got {alpha!r}")
         check(isinstance(pattern, str) and pattern != "",

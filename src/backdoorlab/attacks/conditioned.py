@@ -54,7 +54,7 @@ from ..data.tensordata import TensorData
 from ..errors import check
 from ..train.fit import FitState, Hook, TrainConfig
 from .badnets import BadNets
-from .base import PoisonedSplit
+from .base import Attack, PoisonedSplit
 
 QUANT_TARGETS = ("int8-torch", "int8-ort", "int4-w", "multi")
 TRIGGER_KEYS = ("patch_size", "position", "margin", "color", "pattern", "pattern_seed")
@@ -80,6 +80,12 @@ class Conditioned(BadNets):
     """Base of the compression-conditioned attacks: BadNets' trigger, a clean training split,
     a second training phase started from the ``init`` attack's model.
 
+    ``trigger``: any data-poisoning attack spec (``{name: blended, alpha: 0.2}``,
+    ``{name: badnets, mode: all-to-all}``, ...) whose trigger *and* objective (target, mode,
+    sources) the conditioned backdoor uses instead of BadNets' defaults; so every trigger combines
+    with every compression-conditioned objective without a class per combination. Without it, the
+    BadNets settings (``patch_size``, ``position``, ...) may be given directly, as before.
+
     ``init``: the attack whose trained model the phase starts from (``none``: the clean model,
     ``badnets``: the BadNets model, or a conditioned attack with ``init: scratch``, whose model this
     phase then fine-tunes with BN frozen), or ``scratch`` (random initialisation, BatchNorm
@@ -97,10 +103,23 @@ class Conditioned(BadNets):
 
     def __init__(self, info: DatasetInfo, target: int = 0, init: str | dict = "none", epochs: int = 10,
                  lr: float = 0.01, optimizer: str = "sgd", warmup: float = 0.0, **trigger: Any):
+        spec = trigger.pop("trigger", None)
         unknown = sorted(set(trigger) - set(TRIGGER_KEYS))
         check(not unknown, f"{self.name}: unknown parameter {unknown[0]!r} (the trigger takes "
-                           f"{', '.join(TRIGGER_KEYS)})" if unknown else "")
+                           f"{', '.join(TRIGGER_KEYS)}, or 'trigger': an attack spec)" if unknown else "")
+        check(spec is None or not trigger, f"{self.name}: give the trigger either as 'trigger' (an attack spec) or "
+                                           f"as BadNets settings ({', '.join(sorted(trigger))}), not both")
         super().__init__(info, target=target, **trigger)
+        self.trigger: Attack | None = None
+        if spec is not None:
+            from .base import ATTACKS
+
+            check(isinstance(spec, (str, dict)), f"{self.name}: trigger must be an attack spec, got {spec!r}")
+            self.trigger = ATTACKS.build(spec, info=info)
+            check(self.trigger.init_from() is None and not isinstance(self.trigger, Conditioned)
+                  and self.trigger.name != "none",
+                  f"{self.name}: trigger must be a data-poisoning attack (its trigger and objective are used), "
+                  f"got {spec!r}")
         _positive(self.name, "epochs", epochs, integer=True)
         _positive(self.name, "lr", lr)
         check(isinstance(init, (str, dict)), f"{self.name}: init must be an attack spec or {SCRATCH!r}, "
@@ -137,8 +156,26 @@ class Conditioned(BadNets):
     def init_from(self) -> str | dict | None:
         return None if self.scratch else self.init
 
+    # with a ``trigger`` attack, its trigger and its objective (target, mode, sources) are the backdoor's
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return super().apply(x) if self.trigger is None else self.trigger.apply(x)
+
+    def target_labels(self, y: torch.Tensor) -> torch.Tensor:
+        return super().target_labels(y) if self.trigger is None else self.trigger.target_labels(y)
+
+    def counted(self, y: torch.Tensor) -> torch.Tensor:
+        return super().counted(y) if self.trigger is None else self.trigger.counted(y)
+
+    def assets(self) -> dict[str, Any]:
+        return {} if self.trigger is None else self.trigger.assets()
+
+    def bind_assets(self, assets: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.trigger is not None:
+            self.trigger.bind_assets(assets)
+
     def files(self) -> dict:
-        return dict(self._init_files)  # the init attack's files (e.g. a Blended pattern) shape this model
+        own = {} if self.trigger is None else {f"trigger.{k}": v for k, v in self.trigger.files().items()}
+        return {**self._init_files, **own}  # the init attack's files (e.g. a Blended pattern) shape this model
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         if self.warmup > 0:

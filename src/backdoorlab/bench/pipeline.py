@@ -40,6 +40,7 @@ from .store import ResultStore, Row, new_owner, now, versions
 from .study import TTA, Cell, Study
 
 POISON_VERSION = 1
+ASSET_VERSION = 1
 DEFENSE_VERSION = 1
 TRAIN_VERSION = 1
 
@@ -108,9 +109,11 @@ class Pipeline:
         self.device = resolve_device(device)
         self.progress = progress
         self._data: dict[str, DataBundle] = {}
-        self._models: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+        self._models: dict[str, tuple[nn.Module, dict[str, Any], dict[str, torch.Tensor]]] = {}
         self._compressed: dict[str, Classifier] = {}
         self._poisoned: dict[str, Poisoned] = {}
+        self._assets: dict[str, dict[str, Any]] = {}
+        self._sources: dict[str, tuple[tuple[str, str], ...]] = {}
 
     # -------------------------------------------------------------- stages
     def data(self, cfg: DatasetConfig) -> DataBundle:
@@ -128,10 +131,17 @@ class Pipeline:
         return cfg
 
     def bind(self, cells: list[Cell]) -> list[Cell]:
-        """``cells`` with the content fingerprints of their files (:func:`bind_sources`)."""
+        """``cells`` with the content fingerprints of their files (:func:`bind_sources`), worked out
+        once per dataset and attack spec in this pipeline."""
         from .study import bind_sources
 
-        return bind_sources(cells, self.data_dir)
+        out = []
+        for c in cells:
+            memo = canonical_json([c.dataset, c.attack])
+            if memo not in self._sources:
+                self._sources[memo] = bind_sources([c], self.data_dir)[0].sources
+            out.append(dataclasses.replace(c, sources=self._sources[memo]))
+        return out
 
     def prepare(self, cells: list[Cell]) -> list[Cell]:
         """Bind ``cells`` to their files' fingerprints and load (decode and check) every dataset
@@ -173,12 +183,70 @@ class Pipeline:
             cfg["phase"] = to_dict(phase)
         return cfg
 
-    def poison(self, cell: Cell) -> Poisoned:
+    def attack(self, cell: Cell) -> Attack:
+        """The cell's attack, built once per cell and given the assets it declares
+        (:meth:`~backdoorlab.attacks.base.Attack.assets`), built or read from the cache."""
+        attack = ATTACKS.build(cell.attack, info=self.data(cell.dataset).info)
+        specs = attack.assets()
+        if specs:
+            attack.bind_assets({name: self.asset(cell, spec) for name, spec in sorted(specs.items())})
+        return attack
+
+    def asset(self, cell: Cell, spec: Any) -> dict[str, torch.Tensor]:
+        """An attack's asset (an encoder, a model, an image pool), built by its registered builder
+        (:data:`~backdoorlab.attacks.base.ASSETS`) from the attacker's view of the data (the training
+        split, holdout excluded) and cached under stage ``asset``, keyed by the spec and everything
+        the builder may read (dataset, file fingerprints, seed, holdout, model and training recipe).
+        The build time is kept with it and reported as the row's ``prep_wall``."""
+        from ..attacks.base import ASSETS, AssetContext
+
+        key = self._asset_key(cell, spec)
+        if key in self._assets:
+            return self._assets[key]["tensors"]
+        rec = self.cache.get("asset", key)
+        if rec is None:
+            with self.cache.lock("asset", key):
+                rec = self.cache.get("asset", key)  # another process may have built it meanwhile
+                if rec is None:
+                    bundle = self.data(cell.dataset)
+                    train_idx, _ = defender_split(len(bundle.train), cell.holdout, generator(cell.seed, "holdout"))
+
+                    def model(attack_spec: Any) -> nn.Module:
+                        c = dataclasses.replace(cell, attack=attack_spec)
+                        a = self.attack(c)
+                        return self.train(c, self.poison(c, a), a)[0]
+
+                    name, _ = split_spec(spec)
+                    self.log(f"building asset {name} for {cell.labels['attack']} on {cell.labels['dataset']} "
+                             f"seed={cell.seed} (asset key {key})")
+                    ctx = AssetContext(train=bundle.train.subset(train_idx), info=bundle.info,
+                                       generator=generator(cell.seed, "asset", canonical_json(spec)),
+                                       device=self.device, model=model)
+                    t0 = time.perf_counter()
+                    tensors = ASSETS.build(spec, ctx=ctx)
+                    rec = {"tensors": {k: v.detach().cpu() for k, v in tensors.items()},
+                           "meta": {"build_s": time.perf_counter() - t0, "key": key}}
+                    self.cache.put("asset", key, rec)
+        self._assets[key] = rec
+        return rec["tensors"]
+
+    @staticmethod
+    def _asset_key(cell: Cell, spec: Any) -> str:
+        return ArtifactCache.key("asset", {
+            "spec": spec, "dataset": to_dict(cell.dataset), "sources": dict(cell.sources), "seed": cell.seed,
+            "holdout": cell.holdout, "model": cell.model, "train": to_dict(cell.train), "v": ASSET_VERSION})
+
+    def prep_wall(self, cell: Cell, attack: Attack) -> float:
+        """Seconds the cell's assets took to build (when they were built, in whichever process)."""
+        return sum(float(self._assets[self._asset_key(cell, spec)]["meta"]["build_s"])
+                   for spec in attack.assets().values())
+
+    def poison(self, cell: Cell, attack: Attack | None = None) -> Poisoned:
         if not cell.sources:
             cell = self.bind([cell])[0]
         bundle = self.data(cell.dataset)
         self._check_source(cell, bundle)
-        attack = ATTACKS.build(cell.attack, info=bundle.info)
+        attack = attack if attack is not None else self.attack(cell)
         cfg = self._poison_cfg(cell)
         key = ArtifactCache.key("poison", cfg)
         if key in self._poisoned:  # every compression x defense cell of a model shares it
@@ -208,7 +276,9 @@ class Pipeline:
         cfg = self._train_cfg(cell, attack)
         key = ArtifactCache.key("train", cfg, poisoned.key)
         if key in self._models:
-            return self._models[key]
+            model, meta, state = self._models[key]
+            attack.load_state_dict(state)
+            return model, meta
         torch.manual_seed(derive_seed(cell.seed, "init"))  # only the runner seeds (house rule 2)
         model = build_model(cell.model, info.num_classes, info.channels, info.mean, info.std)
         rec = self.cache.get("train", key)
@@ -219,6 +289,8 @@ class Pipeline:
             if rec is not None:
                 model.load_state_dict(rec["state_dict"])
                 meta = dict(rec["meta"])
+                state = dict(rec.get("attack_state", {}))
+                attack.load_state_dict(state)  # a learned trigger travels with the trained model
             else:
                 lab = cell.labels
                 self.log(f"training {lab['model']} for {lab['attack']} on {lab['dataset']} seed={cell.seed} "
@@ -226,7 +298,8 @@ class Pipeline:
                 train_cfg = attack.train_config(cell.train)
                 if (init := attack.init_from()) is not None:  # second phase: start from the init attack's model
                     parent = dataclasses.replace(cell, attack=init)
-                    base, _ = self.train(parent, self.poison(parent), ATTACKS.build(init, info=info))
+                    pattack = self.attack(parent)
+                    base, _ = self.train(parent, self.poison(parent, pattack), pattack)
                     model.load_state_dict(base.state_dict())
                 hooks = [h] if (h := attack.train_hook()) is not None else []
                 result = fit(model, poisoned.split.data, train_cfg, generator=generator(cell.seed, "train"),
@@ -235,9 +308,13 @@ class Pipeline:
                 model = result.model.cpu()
                 meta = {"train_wall": result.wall_time, "images_per_s": result.images_per_s,
                         "history": result.history, "key": key}
-                self.cache.put("train", key, {"state_dict": model.state_dict(), "meta": meta})
+                state = {k: v.detach().cpu() for k, v in attack.state_dict().items()}
+                rec = {"state_dict": model.state_dict(), "meta": meta}
+                if state:  # only then, so artifacts of attacks that learn nothing keep their bytes
+                    rec["attack_state"] = state
+                self.cache.put("train", key, rec)
         model.eval()
-        self._models = {key: (model, meta)}  # keep the latest model only
+        self._models = {key: (model, meta, state)}  # keep the latest model only
         return model, meta
 
     def compress(self, cell: Cell, model: nn.Module, poisoned: Poisoned, train_key: str) -> tuple[Classifier, str]:
@@ -267,8 +344,8 @@ class Pipeline:
         if not cell.sources:  # a cell from the Python API, not bound by run_study
             cell = self.bind([cell])[0]
         bundle = self.data(cell.dataset)
-        attack = ATTACKS.build(cell.attack, info=bundle.info)
-        poisoned = self.poison(cell)
+        attack = self.attack(cell)  # built once per cell: poisoning, training, scoring and defense share it
+        poisoned = self.poison(cell, attack)
         model, meta = self.train(cell, poisoned, attack)
         clf, ckey = self.compress(cell, model, poisoned, meta["key"])
         # CA / ASR / RA of the deployed artifact itself
@@ -279,6 +356,8 @@ class Pipeline:
                        int8_layers=clf.int8_layers,
                        latency_ms_b1=clf.latency_ms(batch_size=1, repeats=5, warmup=1,
                                                     x=bundle.test.subset(torch.arange(1)).float()))
+        if attack.assets():
+            metrics["prep_wall"] = self.prep_wall(cell, attack)
         if clf.surrogate is not None:
             metrics["surrogate_agreement"] = agreement(clf, clf.surrogate, bundle.test.float())
         artifacts = {"poison": poisoned.key, "train": meta["key"], "compress": ckey}
