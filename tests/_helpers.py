@@ -78,22 +78,27 @@ class Trained:
 
         self.cell = cell
         self.bundle = pipe.data(cell.dataset)
-        self.attack = ATTACKS.build(cell.attack, info=self.bundle.info)
-        self.poisoned = pipe.poison(cell)
+        self.attack = pipe.attack(cell)  # built once, with its assets; a learned trigger is restored by train()
+        self.poisoned = pipe.poison(cell, self.attack)
         self.model, self.meta = pipe.train(cell, self.poisoned, self.attack)
 
 
 _PIPE = None
 
 
-def trained_gtsrb(attack: str, dataset=GTSRB_SUBSET) -> Trained:
-    """The session's GTSRB model for ``attack`` ('none', 'badnets' or 'blended'), on the tests'
-    subset unless ``dataset`` says otherwise."""
+def trained_gtsrb(attack, dataset=GTSRB_SUBSET, train=None) -> Trained:
+    """The session's GTSRB model for ``attack`` (any attack spec), on the tests' subset unless
+    ``dataset`` says otherwise, with the tests' recipe updated by ``train``."""
     global _PIPE
     from backdoorlab.bench.pipeline import Pipeline
 
     need_data("gtsrb")
     if _PIPE is None:
         _PIPE = Pipeline(device="auto", progress=False)
-    cell = next(c for c in gtsrb_study(dataset=dataset).cells() if c.attack == attack)
+    study = gtsrb_study(attacks=(attack,), dataset=dataset)
+    if train:
+        import dataclasses
+
+        study.train = dataclasses.replace(study.train, **train)
+    (cell,) = _PIPE.bind(study.cells())
     return Trained(_PIPE, cell)

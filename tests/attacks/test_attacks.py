@@ -33,10 +33,14 @@ def test_every_attack_poisons_and_triggers(name):
     assert torch.equal(split.original_labels, data.y)
     if atk.init_from() is not None:  # model-level attacks (conditioned on compression) leave the data clean
         assert len(idx) == 0 and torch.equal(split.data.y, data.y)
-    elif name != "none":
-        assert len(idx) == round(0.1 * len(data))
-        assert (split.data.y[idx] == atk.target_labels(data.y[idx])).all()
-        assert (data.y[idx] != atk.target).all()  # all-to-one never poisons target-class images
+    elif name != "none" and len(idx):  # data poisoning (an attack that poisons on the fly may record none)
+        assert len(idx) == round(atk.rate * len(data))
+        assert set(idx.tolist()) <= set(atk.candidates(data.y).tolist())  # the objective's candidates only
+        if atk.mode == "clean-label":
+            assert torch.equal(split.data.y, data.y) and (data.y[idx] == atk.target).all()
+        else:
+            assert (split.data.y[idx] == atk.target_labels(data.y[idx])).all()
+            assert (data.y[idx] != atk.target_labels(data.y[idx])).all()  # the trigger must move every one
         assert not torch.equal(split.data.x[idx], data.x[idx])
     x = data.float()[:8]
     xt = atk.apply(x)
