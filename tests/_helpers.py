@@ -74,7 +74,6 @@ class Trained:
     """A model trained through the pipeline (so its artifact is cached for the whole session)."""
 
     def __init__(self, pipe, cell):
-
         self.cell = cell
         self.bundle = pipe.data(cell.dataset)
         self.attack = pipe.attack(cell)  # built once, with its assets; a learned trigger is restored by train()
