@@ -1,7 +1,9 @@
 """The CLI: the quickstart end to end, and one-line errors with exit code 2 that leave the store
 untouched."""
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +15,31 @@ from backdoorlab.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+def readme_quickstart():
+    """benchmarks/readme_quickstart.py, which writes the README's quickstart sample from a real run."""
+    spec = importlib.util.spec_from_file_location("readme_quickstart", REPO / "benchmarks" / "readme_quickstart.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_cli(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "backdoorlab.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO)
 
 
-def test_quickstart_runs_without_data_dir(tmp_path):
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """One fresh quickstart run (about a minute on 2 cores), as the README's sample script runs it:
+    ``(completed process, env of its BACKDOORLAB_HOME and data dir)``."""
+    home = tmp_path_factory.mktemp("quickstart") / "home"
+    out = readme_quickstart().run_quickstart(home)
+    return out, {"BACKDOORLAB_HOME": str(home), "BACKDOORLAB_DATA": str(home / "no-data")}
+
+
+def test_quickstart_runs_without_data_dir(quickstart_run, tmp_path):
     """`backdoorlab run studies/quickstart.yaml` needs no data directory and prints CA and ASR."""
-    env = {"BACKDOORLAB_HOME": str(tmp_path / "home"), "BACKDOORLAB_DATA": str(tmp_path / "no-data")}
-    out = run_cli("run", "studies/quickstart.yaml", "--no-progress", env=env)
+    out, env = quickstart_run
     assert out.returncode == 0, out.stderr
     lines = {tuple(ln.split()[2:4]): ln.split() for ln in out.stdout.splitlines()[2:]}
     header = out.stdout.splitlines()[0].split()
@@ -43,6 +61,24 @@ def test_quickstart_runs_without_data_dir(tmp_path):
     assert res.returncode == 0 and res.stdout.count("quickstart") == 0 and "badnets" in res.stdout
     exp = run_cli("export", "--out", str(tmp_path / "res"), env=env)
     assert exp.returncode == 0 and (tmp_path / "res.csv").exists() and (tmp_path / "res.parquet").exists()
+    # the report of `defenses: [none]`: no detection rate on any row (no detector ran), RA shown
+    rep = run_cli("report", "--out", str(tmp_path / "report"), env=env)
+    assert rep.returncode == 0, rep.stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count('<table class="detection"') == 2 and "<th>RA</th>" in page
+    assert not re.search(r"\(\d+/\d+\)|\[0\.\d+, [01]\.\d+\]", page) and "no detector ran" in page
+
+
+def test_readme_quickstart_sample_is_a_real_run(quickstart_run):
+    """The README's quickstart sample output is what the quickstart prints (its first cell's line
+    and the table): `python benchmarks/readme_quickstart.py --write` keeps it in step."""
+    out, _ = quickstart_run
+    assert out.returncode == 0, out.stderr
+    mod = readme_quickstart()
+    fresh = mod.sample(out.stdout, out.stderr)
+    readme = mod.readme_sample((REPO / "README.md").read_text())
+    assert fresh == readme, ("README.md's quickstart sample differs from a fresh run; update it with "
+                             f"`python benchmarks/readme_quickstart.py --write`\nfresh run:\n{fresh}")
 
 
 def _store_bytes(path):

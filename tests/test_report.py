@@ -98,10 +98,11 @@ def _chromium() -> str:
     return exe
 
 
-def _render(index, tmp_path) -> str:
+def _render(index, tmp_path, width: int | None = None) -> str:
+    size = [f"--window-size={width},1000"] if width else []
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
+           *size, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
            index.resolve().as_uri()]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -142,7 +143,8 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     assert f'data-images-total="{len(srcs)}"' in body and f'data-images-decoded="{len(srcs)}"' in body
     assert dom.count('<table class="detection"') == 2  # one per precision: fp32, int8-torch
     assert '<table class="fpr"' in dom and '<table class="errors"' in dom
-    assert "neural-cleanse needs grad" in dom and "0.667 [0.208, 0.939] (2/3)" in dom
+    text = re.sub(r"<[^>]+>", "", dom)  # as displayed: a number cell wraps only between its parts (spans)
+    assert "neural-cleanse needs grad" in text and "0.667 [0.208, 0.939] (2/3)" in text
     assert "Reversed triggers" in dom and "other" not in re.sub(r"<img[^>]*>", "", dom).split("Studies:")[1][:40]
 
 
@@ -185,3 +187,213 @@ def test_cli_report(tmp_path, capsys):
     assert "no result store" in capsys.readouterr().err
     assert main(["results", "--store", str(store.path), "--study", "rep", "--aggregate"]) == 0
     assert "detection rate [Wilson 95%]" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- rows without a detector, RA, short labels
+class _Cells(__import__("html.parser").parser.HTMLParser):
+    """The text of every cell of every ``<table>`` in a page: ``[(class, [[cell, ...], ...]), ...]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append((dict(attrs).get("class", ""), []))
+        elif tag == "tr" and self.tables:
+            self.tables[-1][1].append([])
+        elif tag in ("td", "th") and self.tables:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][1][-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _tables(page: str, cls: str | None = None) -> list[list[list[str]]]:
+    p = _Cells()
+    p.feed(page)
+    return [rows for c, rows in p.tables if cls is None or c == cls]
+
+
+def _quickstart_rows() -> list[Row]:
+    """What `defenses: [none]` stores (the quickstart): models only, no detector ran."""
+    rows = []
+    for attack in ("none", "badnets", "blended"):
+        for comp in ("fp32", "int8-torch"):
+            m = {"ca": 0.9944, "asr": 0.0 if attack == "none" else 1.0, "ra": 0.6389 if attack == "none" else 0.0417}
+            rows.append(Row(f"qs-{attack}-{comp}", "quickstart", "digits", "small-cnn", attack, comp, "none", 0,
+                            {"attack": attack}, "ok", metrics=m))
+    return rows
+
+
+def test_rows_without_a_detector_show_no_detection_rate_and_show_ra():
+    from backdoorlab.report.html import build_report
+
+    rows = _quickstart_rows()
+    groups = aggregate(rows)
+    assert all(g.rate is None and not g.has_detector for g in groups)  # nothing ran that could detect
+    assert groups[0].ra.mean == pytest.approx(0.0417)
+    page, files = build_report(rows, title="quickstart")
+    tables = _tables(page, "detection")
+    assert len(tables) == 2  # fp32, int8-torch
+    for table in tables:
+        header, body = table[0], table[1:]
+        assert len(body) == 3 and "RA" in header and "detection rate [Wilson 95%]" in header
+        rate, ra = header.index("detection rate [Wilson 95%]"), header.index("RA")
+        for cells in body:
+            assert cells[rate] == "\u2014", cells  # a dash, never 0.000 [0.000, 0.793] (0/1)
+            assert not re.search(r"\d/\d|\[", " ".join(cells)), cells
+            assert cells[ra] in ("0.639", "0.042")
+        # columns no row fills are left out
+        assert not {"score", "target share", "ASR after", "CA after", "RA after"} & set(header)
+    assert "(0/1)" not in page and "0.793" not in page and "FPR" not in page
+    assert "no detector ran" in page  # the legend says why
+    assert "Detection by precision" not in page and "Results by precision" in page
+    # captions follow the content: no detection figure, and no remover in the ASR caption
+    caps = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
+    assert caps and not any("detection" in f for f in files)
+    assert all("remover" not in c and "repair" not in c and "ASR of the deployed model" in c for c in caps), caps
+    assert "Settings" not in page  # no label is shortened: nothing to list
+
+
+def test_removers_are_named_in_the_asr_caption():
+    from backdoorlab.report.html import _figures
+
+    caps = [c for _, c, _ in _figures(aggregate(synthetic_rows()))]
+    asr = [c for c in caps if ": ASR " in c]
+    assert asr == ["gtsrb / badnets: ASR of the deployed model (mean over runs) and after repair by fine-pruning "
+                   "(error bars: ± std over runs)"]
+    det = [c for c in caps if "detection rate" in c]
+    assert det and all("fine-pruning and neural-cleanse" in c for c in det), det
+
+
+NC = "neural-cleanse(batch_size=4,batches_per_step=1,steps=100)"
+NC_LONG = "neural-cleanse(batch_size=4,batches_per_step=1,steps=1000)"
+STRIP = "strip(eval_limit=300,threshold_rule=quantile)"
+GTSRB = "gtsrb(test_limit=2000,train_limit=6000)"
+BLEND = "blended(alpha=0.2,pattern=/data/patterns/hello-kitty-512x512-rgb.png,rate=0.1,target=0)"
+LONG_ERROR = ("BackdoorLabError: neural-cleanse needs grad, which the int8-ort artifact lacks; its surrogate at "
+              "/root/.cache/backdoorlab/artifacts/compress/0f3a9c2b7d1e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a.pt "
+              "failed to load")
+
+
+def _long_spec_rows() -> list[Row]:
+    """A blindspot-like study: long dataset, attack and defense specs, six precisions, three seeds,
+    two Neural Cleanse settings that share a short label, and failures with long messages."""
+    defenses = ["none", NC, NC_LONG, STRIP, "activation-clustering", "spectral-signatures", "fine-pruning"]
+    kinds = {NC: "scanner", NC_LONG: "scanner", STRIP: "detector", "activation-clustering": "filter",
+             "spectral-signatures": "filter", "fine-pruning": "remover"}
+    comps = ["fp32", "int8-dynamic", "int8-torch", "int8-ort", "int4-w", "prune-l1-50"]
+    rows = []
+    for ds in (GTSRB, "cifar10"):
+        for attack in ("none", "badnets(rate=0.1,target=0)", "badnets(rate=0.1,target=3)", BLEND):
+            for comp in comps:
+                for defense in defenses:
+                    for seed in (0, 1, 2):
+                        rid = f"long-{ds}-{attack}-{comp}-{defense}-{seed}"
+                        base = Row(rid, "blindspots", ds, "small-cnn", attack, comp, defense, seed, {}, "ok")
+                        if defense == NC and comp == "int8-ort" and seed == 2:
+                            base.status, base.error = "error", LONG_ERROR
+                            rows.append(base)
+                            continue
+                        j = 0.01 * seed
+                        m = {"ca": 0.9412 + j, "asr": 0.0123 + j if attack == "none" else 0.9387 - j,
+                             "ra": 0.9123 - j if attack == "none" else 0.0456 + j}
+                        if defense != "none":
+                            m.update({"defense_kind": kinds[defense], "detected": seed != 1,
+                                      "defense_score": 2.3456 + seed, "target_flagged": seed == 0})
+                        if defense == "fine-pruning":
+                            m.update({"asr_after": 0.1234 + j, "ca_after": 0.9012 - j, "ra_after": 0.8123 + j})
+                        base.metrics = m
+                        rows.append(base)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def long_report(tmp_path_factory):
+    """The report of :func:`_long_spec_rows`, written once for the tests below: its index path."""
+    return write_report(_long_spec_rows(), tmp_path_factory.mktemp("long-report") / "report", title="blindspots")
+
+
+def test_short_labels_keep_tables_narrow_and_list_the_full_specs_once(long_report):
+    from backdoorlab.report.labels import build_labels, short_label
+
+    assert short_label("dataset", GTSRB) == "gtsrb[6k]" and short_label("defense", NC) == "neural-cleanse"
+    assert short_label("compression", "prune-l1-50+int8-torch") == "prune-l1-50+int8-torch"
+    rows = _long_spec_rows()
+    labels = build_labels(rows)
+    assert labels("dataset", GTSRB) == "gtsrb[6k]" and labels("dataset", "cifar10") == "cifar10"
+    assert {labels("defense", NC), labels("defense", NC_LONG)} == {"neural-cleanse#1", "neural-cleanse#2"}
+    assert labels("attack", "badnets(rate=0.1,target=0)") == "badnets(target=0)"  # the one parameter that differs
+    assert labels("attack", "badnets(rate=0.1,target=3)") == "badnets(target=3)"
+    assert labels("attack", BLEND) == "blended"
+    page = long_report.read_text()
+    detection = _tables(page, "detection")
+    assert len(detection) == 6
+    cells = {c for t in detection for r in t for c in r}
+    assert {"gtsrb[6k]", "neural-cleanse#1", "neural-cleanse#2", "strip", "badnets", "blended"} <= cells
+    assert not any("(" in c and "=" in c for c in cells)  # no spec with parameters in a detection table
+    assert "RA" in detection[0][0] and "RA after" in detection[0][0]
+    (settings,) = _tables(page, "settings")
+    listed = {tuple(r) for r in settings[1:]}
+    assert ("blindspots", "dataset", "gtsrb[6k]", GTSRB) in listed
+    assert ("blindspots", "defense", "neural-cleanse#1", NC) in listed  # numbered in the order of their specs
+    assert ("blindspots", "defense", "neural-cleanse#2", NC_LONG) in listed
+    assert ("blindspots", "attack", "badnets", "badnets(rate=0.1,target=0); badnets(rate=0.1,target=3)") in listed
+    assert ("blindspots", "defense", "strip", STRIP) in listed
+    assert ("blindspots", "attack", "blended", BLEND) in listed and len(listed) == 6
+    assert page.count(NC) == 1  # the full spec once, in the settings table
+
+
+def test_html_report_with_long_specs_fits_a_1400px_window_in_headless_chromium(long_report, tmp_path):
+    """No table wider than the window (`scrollWidth <= clientWidth`), measured by the page's own
+    script in a 1400 px wide headless Chromium."""
+    dom = _render(long_report, tmp_path, width=1400)
+    body = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', re.search(r"<body([^>]*)>", dom).group(1)))
+    assert body["render"] == "ok", body
+    view = int(body["view-width"])
+    assert 1300 <= view <= 1400, body  # the window is 1400 px wide (less a scrollbar)
+    assert int(body["page-width"]) <= view, body  # no horizontal scrollbar
+    assert int(body["widest-table"]) <= view and body["tables-overflowing"] == "0", body
+    rights = [int(x) for x in re.findall(r'<table[^>]*data-right="(\d+)"', dom)]
+    assert len(rights) == dom.count("<table") >= 9 and max(rights) <= view  # 6 precisions, FPR, settings, errors
+    text = re.sub(r"<[^>]+>", "", dom)
+    assert "0.929 ± 0.010" in text and "0.667 [0.208, 0.939] (2/3)" in text and "hello-kitty" in text
+
+
+def test_results_print_short_labels_and_wide_or_export_keep_full_specs(tmp_path, capsys):
+    import pandas as pd
+
+    keep = {"fp32", "int8-torch"}
+    rows = [r for r in _long_spec_rows() if r.dataset == GTSRB and r.compression in keep and r.seed < 2
+            and r.defense in ("none", NC, NC_LONG) and r.attack in ("none", "badnets(rate=0.1,target=0)")]
+    store = ResultStore(tmp_path / "s.sqlite")
+    for r in rows:
+        store.put(r)
+    args = ["results", "--store", str(store.path)]
+    for extra in ([], ["--aggregate"]):
+        assert main([*args, *extra]) == 0
+        out = capsys.readouterr().out
+        table = "\n".join(ln for ln in out.splitlines() if ln.startswith("gtsrb"))  # the tables' rows
+        notes = "\n".join(ln for ln in out.splitlines() if ln.startswith("  "))  # the settings footnotes
+        assert "gtsrb[6k]" in table and "neural-cleanse#1" in table and "neural-cleanse#2" in table
+        assert "(" not in table.replace(" (", " ") and GTSRB not in table  # no spec with parameters in a table
+        footnotes = out.count("\nsettings (short label = full spec; `backdoorlab results --wide`")
+        assert footnotes == (2 if extra else 1)  # below each table: the aggregate and the detection table
+        assert notes.count(NC + " ") == footnotes and notes.count(GTSRB) == footnotes
+        assert re.search(r"neural-cleanse#2 +" + re.escape(NC_LONG), notes)
+        if extra:
+            assert "detection rate [Wilson 95%]" in out and "RA after" in out
+        assert main([*args, *extra, "--wide"]) == 0
+        wide = capsys.readouterr().out
+        assert "settings (" not in wide and GTSRB in wide and NC in wide and NC_LONG in wide
+        assert "gtsrb[6k]" not in wide and "#1" not in wide
+    assert main(["export", "--store", str(store.path), "--out", str(tmp_path / "res"), "--format", "csv"]) == 0
+    df = pd.read_csv(tmp_path / "res.csv")
+    assert set(df["dataset"]) == {GTSRB} and set(df["defense"]) == {"none", NC, NC_LONG}

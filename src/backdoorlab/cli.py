@@ -55,10 +55,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     if not rows:
         print("no results" + (f" for study {args.study!r}" if args.study else ""))
         return 0
-    print(aggregate_table(rows) if args.aggregate else results_table(rows))
+    print(aggregate_table(rows, wide=args.wide) if args.aggregate else results_table(rows, wide=args.wide))
     if args.aggregate and any(r.defense != "none" for r in rows):
         print()
-        print(detection_table(rows))
+        print(detection_table(rows, wide=args.wide))
     return 0
 
 
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store")
     s.add_argument("--study", help="only this study")
     s.add_argument("--aggregate", action="store_true", help="mean ± std over seeds")
+    s.add_argument("--wide", action="store_true",
+                   help="full specs in the table (default: short labels, full specs listed below it)")
     s.set_defaults(fn=cmd_results)
 
     h = sub.add_parser("report", help="write a self-contained HTML report (tables, figures, triggers)")

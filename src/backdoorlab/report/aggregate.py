@@ -10,11 +10,13 @@ particular"). Per group:
   ``detected`` is ``None`` (the method makes no verdict there, e.g. a remover on a clean model).
 * ``rate``: ``n_detected / (n_runs - n_na)`` with a **Wilson score 95% interval**
   ``(rate_low, rate_high)`` (binomial; sound for a handful of seeds, where a normal std is
-  not). On clean models (attack ``none``) the rate is the **false-positive rate**.
-* ``score``, ``asr``, ``ca``: mean (and sample standard deviation over runs) of
-  ``defense_score`` and of the deployed model's ASR and CA; ``asr_after`` / ``ca_after`` for
-  removers; ``target_share``: for methods that name labels (scanners, filters), the share of
-  runs whose flagged labels include the true target (over runs where that is defined).
+  not). On clean models (attack ``none``) the rate is the **false-positive rate**. Groups
+  without a detector (defense ``none``) have **no** rate (``None``): nothing ran that could
+  detect, so they are neither "detected" nor "not detected" (``has_detector`` is false).
+* ``score``, ``asr``, ``ca``, ``ra``: mean (and sample standard deviation over runs) of
+  ``defense_score`` and of the deployed model's ASR, CA and RA; ``asr_after`` / ``ca_after`` /
+  ``ra_after`` for removers; ``target_share``: for methods that name labels (scanners, filters),
+  the share of runs whose flagged labels include the true target (over runs where that is defined).
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ class Group:
     score: Stat = field(default_factory=Stat)
     asr: Stat = field(default_factory=Stat)
     ca: Stat = field(default_factory=Stat)
+    ra: Stat = field(default_factory=Stat)
     asr_after: Stat = field(default_factory=Stat)
     ca_after: Stat = field(default_factory=Stat)
+    ra_after: Stat = field(default_factory=Stat)
     target_share: float | None = None
     n_target: int = 0
     seeds: list[int] = field(default_factory=list)
@@ -113,6 +117,11 @@ class Group:
     @property
     def n_verdicts(self) -> int:
         return self.n_runs - self.n_na
+
+    @property
+    def has_detector(self) -> bool:
+        """False for defense ``none``: no method ran, so there is no detection rate to report."""
+        return self.defense != "none"
 
 
 def aggregate(rows: Sequence[Row]) -> list[Group]:
@@ -133,12 +142,12 @@ def aggregate(rows: Sequence[Row]) -> list[Group]:
         kinds = {r.metrics.get("defense_kind") for r in ok} - {None}
         g.kind = kinds.pop() if len(kinds) == 1 else ("none" if key[4] == "none" else None)
         verdicts = [r.metrics.get("detected") for r in ok]
-        g.n_na = 0 if key[4] == "none" else sum(v is None for v in verdicts)  # no defense: no verdict to miss
+        g.n_na = 0 if key[4] == "none" else sum(v is None for v in verdicts)  # no defense: not a method's n/a
         g.n_detected = sum(v is True for v in verdicts)
-        if g.n_verdicts:
+        if g.n_verdicts and g.has_detector:  # no detector, no rate: 0/1 would read "not detected"
             g.rate = g.n_detected / g.n_verdicts
             g.rate_low, g.rate_high = wilson(g.n_detected, g.n_verdicts)
-        for name in ("asr", "ca", "asr_after", "ca_after"):
+        for name in ("asr", "ca", "ra", "asr_after", "ca_after", "ra_after"):
             setattr(g, name, Stat.of(r.metrics.get(name) for r in ok))
         g.score = Stat.of(r.metrics.get("defense_score") for r in ok)
         tf = [r.metrics.get("target_flagged") for r in ok if isinstance(r.metrics.get("target_flagged"), bool)]
@@ -178,23 +187,41 @@ def fmt_rate(g: Group) -> str:
 
 
 DETECTION_HEADER = ("dataset", "model", "attack", "compression", "defense", "runs", "errors", "n/a",
-                    "detection rate [Wilson 95%]", "score", "ASR", "CA", "target share", "ASR after",
-                    "CA after")
+                    "detection rate [Wilson 95%]", "score", "ASR", "CA", "RA", "target share", "ASR after",
+                    "CA after", "RA after")
+NO_DETECTOR = "\u2014"  # the detection-rate cell of a row without a detector (defense none)
 
 
-def detection_cells(g: Group) -> list[str]:
+def group_labels(rows: Sequence[Row]):
+    """Short labels (:mod:`.labels`) for the groups of ``rows``: attacks keyed by their pooled label."""
+    from .labels import build_labels
+
+    return build_labels(rows, key=lambda axis, r: pooled_attack(r.attack) if axis == "attack" else getattr(r, axis))
+
+
+def detection_cells(g: Group, labels=None) -> list[str]:
+    """One row of :data:`DETECTION_HEADER` for ``g``; ``labels(axis, key)`` shortens the axis labels.
+    A group without a detector shows :data:`NO_DETECTOR` for its rate and ``-`` for n/a."""
     share = "-" if g.target_share is None else f"{g.target_share:.3f} ({g.n_target})"
     rate = fmt_rate(g) + (" FPR" if g.clean_model and g.rate is not None else "")
-    return [*g.key, str(g.n_runs), str(g.n_errors), str(g.n_na), rate, fmt_stat(g.score), fmt_stat(g.asr),
-            fmt_stat(g.ca), share, fmt_stat(g.asr_after), fmt_stat(g.ca_after)]
+    key = [labels(a, k) for a, k in zip(AXES, g.key)] if labels is not None else list(g.key)
+    if not g.has_detector:
+        rate = NO_DETECTOR
+    return [*key, str(g.n_runs), str(g.n_errors), str(g.n_na) if g.has_detector else "-", rate,
+            fmt_stat(g.score), fmt_stat(g.asr), fmt_stat(g.ca), fmt_stat(g.ra), share, fmt_stat(g.asr_after),
+            fmt_stat(g.ca_after), fmt_stat(g.ra_after)]
 
 
-def detection_table(rows: Sequence[Row]) -> str:
-    """Plain-text detection table (one line per group with a defense), then failed runs."""
-    from .table import render
+def detection_table(rows: Sequence[Row], wide: bool = False) -> str:
+    """Plain-text detection table (one line per group with a defense), then failed runs. Axis
+    labels are short, with a footnote of the full specs, unless ``wide``."""
+    from .labels import identity, settings_lines
+    from .table import WIDE_HINT, render
 
-    groups = [g for g in aggregate(rows) if g.defense != "none"]
-    text = render(DETECTION_HEADER, [detection_cells(g) for g in groups])
+    groups = [g for g in aggregate(rows) if g.has_detector]
+    labels = identity() if wide else group_labels([r for r in rows if r.defense != "none"])
+    text = "\n".join([render(DETECTION_HEADER, [detection_cells(g, labels) for g in groups]),
+                      *settings_lines(labels, WIDE_HINT)])
     errs = [r for r in rows if r.status == "error"]
     if errs:
         text += "\n\nfailed runs (not counted as 'not detected'):\n" + "\n".join(
@@ -203,5 +230,6 @@ def detection_table(rows: Sequence[Row]) -> str:
     return text
 
 
-__all__ = ["AXES", "DETECTION_HEADER", "Group", "Stat", "aggregate", "detection_cells", "detection_table",
-           "false_positive_rates", "fmt_rate", "fmt_stat", "pooled_attack", "precision_order", "wilson"]
+__all__ = ["AXES", "DETECTION_HEADER", "NO_DETECTOR", "Group", "Stat", "aggregate", "detection_cells",
+           "detection_table", "false_positive_rates", "fmt_rate", "fmt_stat", "group_labels", "pooled_attack",
+           "precision_order", "wilson"]

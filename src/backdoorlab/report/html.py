@@ -3,16 +3,24 @@
 ``DIR/index.html`` holds, with inline CSS and every figure embedded as a ``data:`` URI (no
 external resource, so the file can be mailed or archived on its own):
 
-* a summary (runs, failures) and, per precision, the detection table of
-  :mod:`backdoorlab.report.aggregate` (detection rate with its Wilson 95% interval, errors and
-  not-applicable runs counted apart, mean score, deployed ASR / CA, target share, repair);
+* a summary (runs, failures), the settings behind the short labels the tables print (the full
+  spec of ``gtsrb[6k]``, ``neural-cleanse``, ..., once per study; see :mod:`.labels`) and, per
+  precision, the detection table of :mod:`backdoorlab.report.aggregate` (detection rate with its
+  Wilson 95% interval, errors and not-applicable runs counted apart, mean score, deployed
+  CA / ASR / RA, target share, repair). A row without a detector (defense ``none``) shows a dash
+  where the rate would be, and a legend says why: it is never "not detected". Columns that no
+  row of a table fills (score, target share, after repair) are left out;
 * the false-positive rate of each defense on clean models;
 * per dataset and attack, figures of detection rate and of ASR against precision, one line per
-  defense (the ASR figure shows the deployed model's ASR and each remover's ASR after repair);
+  defense (the ASR figure shows the deployed model's ASR, and each remover's ASR after repair
+  where the study has removers; captions name what is drawn);
 * Neural Cleanse's reversed triggers (``mask * pattern`` per label, from the ``defense`` stage of
   the :class:`~backdoorlab.bench.cache.ArtifactCache`) as image grids, flagged labels framed in
   red and the true target marked;
 * every failed run with its message (failures are never counted as "not detected").
+
+Every table fits a 1400 px window: numbers wrap only between their parts (mean | ± std,
+rate | interval | counts), labels are short, and long messages wrap anywhere.
 
 The same PNGs are written to ``DIR/figures/``. The report is built in a temporary directory
 beside ``DIR`` and renamed into place, so a half-written report never exists. Figures use
@@ -38,24 +46,28 @@ from ..bench.store import Row
 from ..errors import BackdoorLabError
 from .aggregate import (
     DETECTION_HEADER,
+    NO_DETECTOR,
     Group,
     aggregate,
     detection_cells,
     false_positive_rates,
     fmt_rate,
+    group_labels,
     pooled_attack,
     precision_order,
 )
+from .labels import Labels
 
 MAX_TRIGGER_GRIDS = 24  # reversed-trigger grids shown (one per row that has them)
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em;color:#222;max-width:1400px}
 h1{font-size:1.6em}h2{font-size:1.3em;margin-top:1.6em;border-bottom:1px solid #ccc}h3{font-size:1.05em}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em}
-th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.8em;max-width:100%}
+th,td{border:1px solid #ccc;padding:.25em .4em;text-align:left;vertical-align:top}
 th{background:#f0f0f0}tr:nth-child(even) td{background:#fafafa}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.nw{white-space:nowrap}
+td.wrap{overflow-wrap:anywhere}td.nodet{text-align:center;color:#777}
 .err td{color:#a00}.note{color:#555;font-size:.9em}
 figure{display:inline-block;margin:.5em 1em .5em 0}figcaption{font-size:.85em;color:#444}
 img{max-width:100%;border:1px solid #ddd}
@@ -68,6 +80,18 @@ window.addEventListener('load', function () {
   document.body.setAttribute('data-images-total', String(imgs.length));
   document.body.setAttribute('data-images-decoded', String(ok));
   document.body.setAttribute('data-render', ok === imgs.length ? 'ok' : 'broken');
+  // layout: does every table fit the window (no horizontal scrollbar)?
+  var doc = document.documentElement, widest = 0, over = 0;
+  Array.prototype.forEach.call(document.querySelectorAll('table'), function (t) {
+    var right = Math.ceil(t.getBoundingClientRect().right);
+    t.setAttribute('data-right', String(right));
+    widest = Math.max(widest, right);
+    if (right > doc.clientWidth || t.scrollWidth > t.parentElement.clientWidth) { over += 1; }
+  });
+  document.body.setAttribute('data-view-width', String(doc.clientWidth));
+  document.body.setAttribute('data-page-width', String(doc.scrollWidth));
+  document.body.setAttribute('data-widest-table', String(widest));
+  document.body.setAttribute('data-tables-overflowing', String(over));
 });
 """
 
@@ -89,17 +113,42 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", row_cls: str = "") -> str:
+_PARTS = re.compile(r"\s+(?=[±\[(]|FPR\b)")  # where a number cell may wrap: before ± std, [interval], (k/n)
+
+
+def _cell(c: str, wrap: bool = False, nowrap: bool = False) -> str:
+    if c == NO_DETECTOR:
+        return f'<td class="nodet" title="no detector ran (defense none)">{_e(c)}</td>'
+    if _looks_numeric(c):
+        parts = _PARTS.split(c)
+        return '<td class="num">' + " ".join(f'<span class="nw">{_e(p)}</span>' for p in parts) + "</td>"
+    cls = " class=wrap" if wrap else " class=nw" if nowrap else ""
+    return f"<td{cls}>{_e(c)}</td>"
+
+
+LABEL_COLUMNS = ("dataset", "model", "attack", "compression", "defense")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "", row_cls: str = "",
+           wrap: Sequence[str] = (), nowrap: Sequence[str] = LABEL_COLUMNS) -> str:
+    """An HTML table: a number cell wraps only between its parts, the ``nowrap`` (short label)
+    columns never, the ``wrap`` columns anywhere (long messages and specs), others at spaces."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
     for r in rows:
-        cells = "".join(f'<td{" class=num" if _looks_numeric(c) else ""}>{_e(c)}</td>' for c in r)
+        cells = "".join(_cell(c, h in wrap, h in nowrap) for h, c in zip(header, r))
         body.append(f'<tr{f" class={row_cls}" if row_cls else ""}>{cells}</tr>')
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def _looks_numeric(s: str) -> bool:
     return bool(re.match(r"^-?\d", s))
+
+
+def _drop_empty(header: Sequence[str], rows: list[list[str]], optional: Sequence[str]):
+    """``header`` and ``rows`` without the ``optional`` columns that no row fills (all ``-``)."""
+    keep = [i for i, h in enumerate(header) if h not in optional or any(r[i] != "-" for r in rows)]
+    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
 
 
 # ------------------------------------------------------------------------------------ figures
@@ -131,8 +180,15 @@ def _line_figure(title: str, precisions: list[str], lines: dict[str, list[tuple[
     return _png(fig)
 
 
-def _figures(groups: list[Group]) -> list[tuple[str, str, bytes]]:
-    """``(file name, caption, png)`` per (dataset, attack): detection rate and ASR vs precision."""
+def _names(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _figures(groups: list[Group], labels: Labels | None = None) -> list[tuple[str, str, bytes]]:
+    """``(file name, caption, png)`` per (dataset, attack): detection rate and ASR vs precision.
+    Captions name what each figure draws (the defenses, the removers); labels are short."""
+    lab = labels if labels is not None else Labels()
     out = []
     by: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for g in groups:
@@ -140,45 +196,53 @@ def _figures(groups: list[Group]) -> list[tuple[str, str, bytes]]:
     for (ds, attack), gs in sorted(by.items()):
         precs = precision_order(g.compression for g in gs)
         models = sorted({g.model for g in gs})
+        ds_l, attack_l = lab("dataset", ds), lab("attack", attack)
 
         def name(g: Group, many: bool = len(models) > 1) -> str:
-            return g.defense + (f" [{g.model}]" if many else "")
+            return lab("defense", g.defense) + (f" [{lab('model', g.model)}]" if many else "")
 
         def empty(n: int = len(precs)) -> list:
             return [None] * n
 
         det: dict[str, list] = defaultdict(empty)
         for g in gs:
-            if g.defense != "none" and g.rate is not None:
+            if g.has_detector and g.rate is not None:
                 det[name(g)][precs.index(g.compression)] = (g.rate, g.rate_low, g.rate_high)
         if det:
             what = "false-positive rate" if attack == "none" else "detection rate"
-            cap = f"{ds} / {attack}: {what} against precision (error bars: Wilson 95% interval)"
+            defs = _names(sorted({lab("defense", g.defense) for g in gs if g.has_detector and g.rate is not None}))
+            cap = f"{ds_l} / {attack_l}: {what} of {defs} against precision (error bars: Wilson 95% interval)"
             out.append((f"{_slug('detection', ds, attack)}.png", cap,
-                        _line_figure(f"{ds} — {attack}: {what}", precs, det, what)))
+                        _line_figure(f"{ds_l} — {attack_l}: {what}", precs, det, what)))
         if attack == "none":
             continue
         asr: dict[str, list] = defaultdict(empty)
         deployed: dict[tuple[str, str], list[float]] = defaultdict(list)
+        removers = set()
         for g in gs:
             if g.asr.mean is not None:
                 deployed[(g.model, g.compression)].extend([g.asr.mean] * max(1, g.asr.n))
             if g.asr_after.mean is not None:
                 sd = g.asr_after.std or 0.0
+                removers.add(lab("defense", g.defense))
                 asr[name(g) + " (after repair)"][precs.index(g.compression)] = (
                     g.asr_after.mean, max(0.0, g.asr_after.mean - sd), min(1.0, g.asr_after.mean + sd))
         for (model, comp), vals in deployed.items():
-            key = "deployed model" + (f" [{model}]" if len(models) > 1 else "")
+            key = "deployed model" + (f" [{lab('model', model)}]" if len(models) > 1 else "")
             m = sum(vals) / len(vals)
             asr[key][precs.index(comp)] = (m, m, m)
         if asr:
-            cap = f"{ds} / {attack}: ASR of the deployed model and after each remover (error bars: ± std)"
-            fig = _line_figure(f"{ds} — {attack}: ASR", precs, asr, "ASR")
+            if removers:
+                cap = (f"{ds_l} / {attack_l}: ASR of the deployed model (mean over runs) and after repair by "
+                       f"{_names(sorted(removers))} (error bars: ± std over runs)")
+            else:
+                cap = f"{ds_l} / {attack_l}: ASR of the deployed model against precision (mean over runs)"
+            fig = _line_figure(f"{ds_l} — {attack_l}: ASR", precs, asr, "ASR")
             out.append((f"{_slug('asr', ds, attack)}.png", cap, fig))
     return out
 
 
-def _trigger_grid(row: Row, images: dict) -> bytes | None:
+def _trigger_grid(row: Row, images: dict, title: str = "") -> bytes | None:
     """``mask * pattern`` per label as a grid; flagged labels framed red, the true target marked."""
     import torch
     from matplotlib.figure import Figure
@@ -209,7 +273,7 @@ def _trigger_grid(row: Row, images: dict) -> bytes | None:
             sp.set_edgecolor("red" if hit else "#bbb")
             sp.set_linewidth(3 if hit else 0.5)
         ax.set_title(f"{i}{' T' if i == target else ''}", fontsize=7, color="red" if hit else "black")
-    fig.suptitle(f"{row.dataset} {row.model} {row.attack} {row.compression} seed {row.seed}", fontsize=8)
+    fig.suptitle(title or f"{row.dataset} {row.model} {row.attack} {row.compression} seed {row.seed}", fontsize=8)
     return _png(fig)
 
 
@@ -236,9 +300,13 @@ def _target_of(row: Row) -> int | None:
 
 
 # ------------------------------------------------------------------------------------ page
+OPTIONAL_COLUMNS = ("score", "target share", "ASR after", "CA after", "RA after")
+
+
 def build_report(rows: Sequence[Row], *, cache=None, title: str = "backdoorlab report") -> tuple[str, dict[str, bytes]]:
     """``(index.html text, {relative png path: bytes})`` for ``rows``."""
     groups = aggregate(rows)
+    labels = group_labels([r for r in rows if r.status in ("ok", "error")])
     files: dict[str, bytes] = {}
     parts: list[str] = []
 
@@ -248,34 +316,72 @@ def build_report(rows: Sequence[Row], *, cache=None, title: str = "backdoorlab r
         return (f'<figure><img src="{uri}" alt="{_e(caption)}" data-file="figures/{_e(fname)}">'
                 f"<figcaption>{_e(caption)}</figcaption></figure>")
 
+    def cell_label(r: Row) -> str:
+        return " ".join([*(labels(a, k) for a, k in zip(("dataset", "model", "attack", "compression"),
+                                                         (r.dataset, r.model, pooled_attack(r.attack), r.compression))),
+                         f"seed {r.seed}"])
+
     n_ok = sum(r.status == "ok" for r in rows)
     errs = [r for r in rows if r.status == "error"]
     studies = sorted({r.study for r in rows})
+    detectors = [g for g in groups if g.has_detector]
     parts.append(f"<h1>{_e(title)}</h1>")
     parts.append(f'<p class="note">Studies: {_e(", ".join(studies))}. {len(rows)} runs: {n_ok} ok, '
                  f"{len(errs)} failed, {len(rows) - n_ok - len(errs)} unfinished. Generated "
                  f"{_e(time.strftime('%Y-%m-%d %H:%M:%S'))}.</p>")
-    parts.append('<p class="note">Detection rate = detected / runs with a verdict, over seeds and target '
-                 "labels, with its Wilson score 95% interval and the counts. Failed runs are listed apart and "
-                 "never counted as not detected; n/a = the method gave no verdict (e.g. a remover on a clean "
-                 "model). On clean models (attack <code>none</code>) the rate is the false-positive rate. "
-                 "Score, ASR, CA: mean ± sample std over runs; ASR / CA are the deployed model's before any "
-                 "repair. Target share: runs whose flagged labels include the true target.</p>")
+    notes = []
+    if detectors:
+        notes.append("Detection rate = detected / runs with a verdict, over seeds and target labels, with its "
+                     "Wilson score 95% interval and the counts. Failed runs are listed apart and never counted as "
+                     "not detected; n/a = the method gave no verdict (e.g. a remover on a clean model).")
+        if any(g.clean_model for g in detectors):
+            notes.append("On clean models (attack <code>none</code>) the rate is the false-positive rate.")
+    notes.append(("Score, CA, ASR, RA" if any(g.score.mean is not None for g in groups) else "CA, ASR, RA")
+                 + ": mean ± sample std over runs; CA / ASR / RA are the deployed model's, before any repair.")
+    if any(g.asr_after.mean is not None for g in groups):
+        notes.append("After: the remover's repaired model.")
+    if any(g.target_share is not None for g in groups):
+        notes.append("Target share: runs whose flagged labels include the true target.")
+    parts.append(f'<p class="note">{" ".join(notes)}</p>')
 
-    parts.append("<h2>Detection by precision</h2>")
+    settings = [(st, *s) for st in studies for s in labels.settings(st)]
+    if settings:
+        parts.append("<h2>Settings</h2>")
+        parts.append('<p class="note">The tables print short labels; these are the full specs they stand for '
+                     "(<code>backdoorlab results --wide</code> and <code>backdoorlab export</code> keep them whole). "
+                     "Specs that share a short label are told apart by the parameters in which they differ, or by "
+                     "a number (#1, #2).</p>")
+        parts.append(_table(("study", "axis", "label", "full spec"), [list(s) for s in settings], cls="settings",
+                            wrap=("full spec",)))
+
+    parts.append("<h2>Detection by precision</h2>" if detectors else "<h2>Results by precision</h2>")
+    models = sorted({g.model for g in groups})
+    omit = {"compression"} | ({"model"} if len(models) == 1 else set())  # one table per precision
+    if len(models) == 1:
+        parts.append(f'<p class="note">Model: <code>{_e(labels("model", models[0]))}</code> in every row.</p>')
+    header = [h for h in DETECTION_HEADER if h not in omit]
     for prec in precision_order(g.compression for g in groups):
         gs = [g for g in groups if g.compression == prec]
-        parts.append(f'<h3>Precision <code>{_e(prec)}</code></h3>')
-        parts.append(_table(DETECTION_HEADER, [detection_cells(g) for g in gs], cls="detection"))
+        body = [[c for h, c in zip(DETECTION_HEADER, detection_cells(g, labels)) if h not in omit] for g in gs]
+        head, body = _drop_empty(header, body, OPTIONAL_COLUMNS)
+        short = labels("compression", prec)
+        parts.append(f"<h3>Precision <code>{_e(short)}</code>" + (f" ({_e(prec)})" if short != prec else "") + "</h3>")
+        parts.append(_table(head, body, cls="detection"))
+        if any(not g.has_detector for g in gs):
+            parts.append(f'<p class="note legend">{NO_DETECTOR} no detector ran on this row (defense '
+                         "<code>none</code>): it has no detection rate, neither detected nor missed, and reports the "
+                         "model's CA, ASR and RA only.</p>")
 
     fpr = false_positive_rates(groups)
     if fpr:
         parts.append("<h2>False-positive rate on clean models</h2>")
         parts.append(_table(("dataset", "model", "compression", "defense", "runs", "errors", "FPR [Wilson 95%]"),
-                            [[g.dataset, g.model, g.compression, g.defense, str(g.n_runs), str(g.n_errors),
-                              fmt_rate(g)] for g in fpr], cls="fpr"))
+                            [[labels("dataset", g.dataset), labels("model", g.model),
+                              labels("compression", g.compression), labels("defense", g.defense), str(g.n_runs),
+                              str(g.n_errors), fmt_rate(g)]
+                             for g in fpr], cls="fpr"))
 
-    figs = _figures(groups)
+    figs = _figures(groups, labels)
     if figs:
         parts.append("<h2>Figures</h2>")
         parts += [img(f, data, cap) for f, cap, data in figs]
@@ -287,10 +393,10 @@ def build_report(rows: Sequence[Row], *, cache=None, title: str = "backdoorlab r
             if r.status != "ok" or not key or len(grids) >= MAX_TRIGGER_GRIDS:
                 continue
             art = cache.get("defense", key)
-            png = _trigger_grid(r, (art or {}).get("images", {})) if art else None
+            png = _trigger_grid(r, (art or {}).get("images", {}), title=cell_label(r)) if art else None
             if png is not None:
-                cap = (f"{r.defense} reversed triggers (mask × pattern per label): {r.dataset} {r.model} "
-                       f"{r.attack} {r.compression} seed {r.seed}; flagged {r.metrics.get('flagged') or 'none'}")
+                cap = (f"{labels('defense', r.defense)} reversed triggers (mask × pattern per label): {cell_label(r)}; "
+                       f"flagged {r.metrics.get('flagged') or 'none'}")
                 grids.append(img(f"{_slug('triggers', r.run_id)}.png", png, cap))
     if grids:
         parts.append("<h2>Reversed triggers</h2>")
@@ -301,8 +407,10 @@ def build_report(rows: Sequence[Row], *, cache=None, title: str = "backdoorlab r
         parts.append("<h2>Failed runs</h2>")
         parts.append('<p class="note">Not counted in any rate.</p>')
         parts.append(_table(("dataset", "model", "attack", "compression", "defense", "seed", "error"),
-                            [[r.dataset, r.model, pooled_attack(r.attack), r.compression, r.defense, str(r.seed),
-                              r.error or ""] for r in errs], cls="errors", row_cls="err"))
+                            [[labels("dataset", r.dataset), labels("model", r.model),
+                              labels("attack", pooled_attack(r.attack)), labels("compression", r.compression),
+                              labels("defense", r.defense),
+                              str(r.seed), r.error or ""] for r in errs], cls="errors", row_cls="err", wrap=("error",)))
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(parts)
