@@ -199,3 +199,42 @@ def test_run_cell_reports_preparation_time_and_builds_the_attack_once(tmp_path, 
         assert out["metrics"]["prep_wall"] >= 0 and out["metrics"]["asr"] >= 0
     finally:
         _toy_attacks.unregister()
+
+
+def test_a_learned_trigger_cannot_be_conditioned_on():
+    """Input-aware's generator exists only once its own model is trained: qcb cannot use it."""
+    info = DatasetConfig("gtsrb").info()
+    with pytest.raises(BackdoorLabError, match="learned while its own model trains") as e:
+        ATTACKS.build({"name": "qcb", "trigger": "input-aware"}, info=info)
+    assert "\n" not in str(e.value)
+
+
+def test_another_dataset_an_attack_reads_enters_the_run_id(tmp_path):
+    """Refool's reflections come from another dataset: it is located from the study's data
+    directory, and its content fingerprint is part of the cell (a replaced archive is new work)."""
+    import shutil
+
+    from _helpers import need_data
+
+    from backdoorlab.bench.study import Study, bind_sources
+    from backdoorlab.data import locate
+
+    need_data("gtsrb")
+    need_data("cifar10")
+    study = Study.from_dict({"name": "refool-src", "datasets": [{"name": "gtsrb", "train_limit": 500}],
+                             "models": ["small-cnn"], "attacks": [{"name": "refool", "target": 1, "rate": 0.01}],
+                             "seeds": [0]})
+    (cell,) = bind_sources(study.cells())
+    src = dict(cell.sources)
+    assert set(src) == {"data", "attack.reflections"} and src["attack.reflections"] != src["data"]
+    # the same files under another --data directory, then a different CIFAR-10 archive there
+    for name in ("gtsrb", "cifar10"):
+        p = locate(name)
+        shutil.copyfile(p, tmp_path / p.name)
+    (same,) = bind_sources(study.cells(), tmp_path)
+    assert same.run_id == cell.run_id
+    cifar = tmp_path / locate("cifar10").name
+    with open(cifar, "ab") as f:
+        f.write(b"\0")
+    (moved,) = bind_sources(study.cells(), tmp_path)
+    assert dict(moved.sources)["data"] == src["data"] and moved.run_id != cell.run_id

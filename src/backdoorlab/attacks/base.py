@@ -74,9 +74,14 @@ class Attack:
     """
 
     name = "attack"
-    # bumped when a model-level attack's training algorithm changes, so that models it trained
-    # before are not reused from the artifact cache (None: the key is the config alone)
+    # bumped when the attack's algorithm or one of its defaults changes, so that what it poisoned,
+    # built or trained before is not reused from the artifact cache (the keys hold the spec as the
+    # user wrote it, not the defaults). None: the key is the spec alone (badnets, blended and the
+    # conditioned attacks keep the keys they had); every attack added since issue 25 sets it.
     algo_version: int | None = None
+    # the trigger is learned while the victim trains (Input-aware's generator): it exists only with
+    # a trained model, so it cannot serve as the fixed trigger of a compression-conditioned attack
+    learns_trigger = False
 
     def __init__(self, info: DatasetInfo, target: int = 0, rate: float = 0.1,
                  mode: str = "all-to-one", sources: list[int] | None = None):
@@ -170,6 +175,12 @@ class Attack:
         content fingerprints enter the cell's run id and cache keys, so a changed file is new work."""
         return {}
 
+    def datasets(self) -> dict[str, str]:
+        """Other datasets this attack's assets read, by parameter name (e.g. Refool's
+        ``reflections``). They are located like the cell's dataset (the study's ``--data`` first),
+        and their content fingerprints enter the cell's run id and cache keys."""
+        return {}
+
     def train_hook(self) -> Hook | None:
         """A :class:`~backdoorlab.train.fit.Hook` for attacks that change training; ``None`` here."""
         return None
@@ -192,13 +203,24 @@ class AssetContext:
     """What an asset builder gets: the training split the attacker poisons (before poisoning,
     uint8 NHWC), the dataset's facts, a seeded generator, the device, and ``model(attack_spec)``,
     which returns the model the pipeline trains for that attack with the cell's settings (for
-    example ``model("none")``: a clean model of the same architecture, from the artifact cache)."""
+    example ``model("none")``: a clean model of the same architecture, from the artifact cache),
+    and ``dataset(name)``, which loads another dataset the attack declared in
+    :meth:`Attack.datasets`, located as the study locates its own (``--data`` first)."""
 
     train: TensorData
     info: DatasetInfo
     generator: torch.Generator
     device: torch.device
     model: Any  # Callable[[str | dict], nn.Module]
+    dataset: Any = None  # Callable[[str], DataBundle]
+
+    def load(self, name: str):
+        """Dataset ``name`` (an attack's :meth:`Attack.datasets`), as the pipeline locates it."""
+        if self.dataset is not None:
+            return self.dataset(name)
+        from ..data.datasets import load_dataset
+
+        return load_dataset(name)
 
 
 ASSETS: Registry[Any] = Registry("asset")

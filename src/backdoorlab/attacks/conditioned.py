@@ -120,6 +120,9 @@ class Conditioned(BadNets):
                   and self.trigger.name != "none",
                   f"{self.name}: trigger must be a data-poisoning attack (its trigger and objective are used), "
                   f"got {spec!r}")
+            check(not self.trigger.learns_trigger,
+                  f"{self.name}: trigger {self.trigger.name!r} is learned while its own model trains, so it "
+                  f"has no trigger to condition on here; use a fixed trigger (badnets, blended, wanet, ...)")
         _positive(self.name, "epochs", epochs, integer=True)
         _positive(self.name, "lr", lr)
         check(isinstance(init, (str, dict)), f"{self.name}: init must be an attack spec or {SCRATCH!r}, "
@@ -172,6 +175,9 @@ class Conditioned(BadNets):
     def bind_assets(self, assets: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.trigger is not None:
             self.trigger.bind_assets(assets)
+
+    def datasets(self) -> dict[str, str]:
+        return {} if self.trigger is None else {f"trigger.{k}": v for k, v in self.trigger.datasets().items()}
 
     def files(self) -> dict:
         own = {} if self.trigger is None else {f"trigger.{k}": v for k, v in self.trigger.files().items()}

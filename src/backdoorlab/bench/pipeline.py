@@ -97,6 +97,15 @@ class Poisoned:
     key: str
 
 
+def _algo_version(spec: Any) -> int | None:
+    """The registered attack's ``algo_version`` (``None``: keys follow the spec alone, as before)."""
+    from ..attacks.base import ATTACKS
+    from ..registry import split_spec
+
+    name, _ = split_spec(spec)
+    return getattr(ATTACKS.get(name), "algo_version", None)
+
+
 class Pipeline:
     """Runs cells, reusing artifacts from ``cache`` and in-memory results within one run."""
 
@@ -126,6 +135,9 @@ class Pipeline:
     def _poison_cfg(cell: Cell) -> dict[str, Any]:
         cfg = {"dataset": to_dict(cell.dataset), "attack": cell.attack, "seed": cell.seed,
                "holdout": cell.holdout, "v": POISON_VERSION}
+        version = _algo_version(cell.attack)
+        if version is not None:  # the attack's algorithm or a default changed since: poison anew
+            cfg["algo"] = version
         if cell.sources:  # the files' content: every later stage's key chains from this one
             cfg["sources"] = dict(cell.sources)
         return cfg
@@ -221,7 +233,8 @@ class Pipeline:
                              f"seed={cell.seed} (asset key {key})")
                     ctx = AssetContext(train=bundle.train.subset(train_idx), info=bundle.info,
                                        generator=generator(cell.seed, "asset", canonical_json(spec)),
-                                       device=self.device, model=model)
+                                       device=self.device, model=model,
+                                       dataset=lambda name: load_dataset(name, self.data_dir))
                     t0 = time.perf_counter()
                     tensors = ASSETS.build(spec, ctx=ctx)
                     rec = {"tensors": {k: v.detach().cpu() for k, v in tensors.items()},
@@ -233,7 +246,8 @@ class Pipeline:
     @staticmethod
     def _asset_key(cell: Cell, spec: Any) -> str:
         return ArtifactCache.key("asset", {
-            "spec": spec, "dataset": to_dict(cell.dataset), "sources": dict(cell.sources), "seed": cell.seed,
+            "spec": spec, "algo": _algo_version(cell.attack), "dataset": to_dict(cell.dataset),
+            "sources": dict(cell.sources), "seed": cell.seed,
             "holdout": cell.holdout, "model": cell.model, "train": to_dict(cell.train), "v": ASSET_VERSION})
 
     def prep_wall(self, cell: Cell, attack: Attack) -> float:

@@ -286,9 +286,10 @@ class Study:
 
 def bind_sources(cells: list[Cell], data_dir: str | os.PathLike | None = None) -> list[Cell]:
     """``cells`` with :attr:`Cell.sources` set to the content fingerprints of the files each one
-    reads: its dataset's archive or folder as located from ``data_dir`` and the files its attack
-    names (:meth:`~backdoorlab.attacks.base.Attack.files`). Fingerprints are cached by ``stat``
-    signature, so binding an unchanged study costs a few ``stat`` calls."""
+    reads: its dataset's archive or folder as located from ``data_dir``, the files its attack
+    names (:meth:`~backdoorlab.attacks.base.Attack.files`) and the other datasets its attack reads
+    (:meth:`~backdoorlab.attacks.base.Attack.datasets`, located from ``data_dir`` too).
+    Fingerprints are cached by ``stat`` signature, so binding an unchanged study costs a few ``stat`` calls."""
     import dataclasses
 
     from ..attacks import ATTACKS
@@ -303,8 +304,13 @@ def bind_sources(cells: list[Cell], data_dir: str | os.PathLike | None = None) -
             data_fp[c.dataset.name] = source_fingerprint(c.dataset.name, data_dir)
         akey = canonical_json([c.attack, c.dataset])
         if akey not in attack_fp:
-            files = ATTACKS.build(c.attack, info=c.dataset.info()).files()
-            attack_fp[akey] = {f"attack.{k}": fingerprint(p) for k, p in sorted(files.items())}
+            attack = ATTACKS.build(c.attack, info=c.dataset.info())
+            attack_fp[akey] = {f"attack.{k}": fingerprint(p) for k, p in sorted(attack.files().items())}
+            for k, name in sorted(attack.datasets().items()):
+                if name not in data_fp:
+                    data_fp[name] = source_fingerprint(name, data_dir)
+                if data_fp[name] is not None:
+                    attack_fp[akey][f"attack.{k}"] = data_fp[name]
         src = {} if data_fp[c.dataset.name] is None else {"data": data_fp[c.dataset.name]}
         src.update(attack_fp[akey])
         out.append(dataclasses.replace(c, sources=tuple(sorted(src.items()))))
