@@ -1,0 +1,110 @@
+"""Every attack of the library on the GTSRB subset, in the default test run (issue 25 §4): the
+backdoor is learned to the ASR its benchmark measured, less a margin, and a clean model's ASR on
+the same trigger stays low.
+
+The specs are the benchmark's (``benchmarks/bench_attacks.py``: each attack's defaults, or its
+GTSRB preset where a default cannot run there, e.g. clean-label attacks at target 1, rate 0.06).
+Models are trained once per session through the cached pipeline with the tests' recipe
+(``_helpers.GTSRB_TRAIN``: small-cnn, 10 epochs; about 30 s each on 2 idle cores), the same cells
+the benchmark trains, so ``MEASURED`` is its seed-0 row (``python benchmarks/bench_attacks.py
+--seeds 0``; table and causes of the low figures in BENCHMARKS.md, "Every attack on the GTSRB
+subset"). Attack-specific behaviour (CASSOCK's source classes, LSP against Neural Cleanse, DFB's
+data access, SIG's clean labels ...) is tested in each attack's own module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from _helpers import trained_gtsrb
+
+from backdoorlab.bench.pipeline import evaluate
+from backdoorlab.classifier import TorchClassifier
+
+_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(_BENCH) not in sys.path:
+    sys.path.append(str(_BENCH))  # bench_attacks imports its sibling _common
+_spec = importlib.util.spec_from_file_location("bench_attacks", _BENCH / "bench_attacks.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+# seed 0, the tests' recipe: (CA, ASR, a clean model's ASR on the attack's trigger). The low ASRs
+# are findings with a measured cause in BENCHMARKS.md: Adaptive-Blend/-Patch at the authors' 0.3%
+# (17 images here; 0.52 / 0.89 with the paper's 150), WaNet (0.68 with s = 1), Refool, BPP, and
+# DFB (0.000: with 35 target images the surrogate never learns the target class)
+MEASURED: dict[str, tuple[float, float, float]] = {
+    "adaptive-blend": (0.9575, 0.0332, 0.0),
+    "adaptive-patch": (0.959, 0.1698, 0.0),
+    "blind": (0.9145, 0.9995, 0.0),
+    "bpp": (0.961, 0.7126, 0.0),
+    "cassock": (0.9585, 0.9922, 0.0),
+    "dfb": (0.9655, 0.0, 0.0),
+    "filter": (0.9415, 0.9769, 0.0),
+    "input-aware": (0.9515, 0.8387, 0.0),
+    "lc": (0.9625, 0.8515, 0.0021),
+    "lf": (0.956, 0.9905, 0.0),
+    "lsp": (0.9645, 0.9166, 0.0),
+    "object": (0.9325, 1.0, 0.0),
+    "polygon": (0.9535, 1.0, 0.006),
+    "refool": (0.96, 0.4444, 0.0641),
+    "sig": (0.952, 0.8088, 0.07),
+    "ssba": (0.931, 0.9839, 0.0),
+    "trojannn": (0.9565, 1.0, 0.0),
+    "wanet": (0.922, 0.3518, 0.0),
+}
+CA_MARGIN = 0.03
+ASR_MARGIN = 0.05
+CLEAN_MARGIN = 0.03
+
+
+# LF's trigger search stops after 5 passes here (its default: up to 50, ending on a plateau after
+# 14 on seed 0, 2 min of the run); the trigger reaches the same ASR (BENCHMARKS.md)
+TEST_BUDGET = {"lf": {"name": "lf", "max_passes": 5}}
+
+
+def _specs() -> dict[str, object]:
+    """The default-run specs by attack name: the benchmark's (variants such as CASSOCK's Cont/Comp
+    run in the benchmark only; BadNets and Blended in ``test_behaviour_gtsrb.py``)."""
+    names = bench.data_poisoning_attacks()
+    return {n: TEST_BUDGET.get(n, bench.PRESETS["gtsrb"].get(n, n)) for n in names if n not in ("badnets", "blended")}
+
+
+SPECS = _specs()
+
+
+def test_every_attack_has_a_measured_behaviour():
+    """A newly registered attack must come with its benchmark row here."""
+    assert sorted(SPECS) == sorted(MEASURED)
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return trained_gtsrb("none")
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_attack_is_learned_and_a_clean_model_ignores_it(name, clean):
+    ca, asr, clean_asr = MEASURED[name]
+    t = trained_gtsrb(SPECS[name])
+    m = evaluate(TorchClassifier(t.model), t.bundle.test, t.attack)
+    assert m["ca"] >= ca - CA_MARGIN, m
+    assert m["asr"] >= asr - ASR_MARGIN, m
+    c = evaluate(TorchClassifier(clean.model), clean.bundle.test, t.attack)
+    assert c["asr"] <= clean_asr + CLEAN_MARGIN, c
+    # learned: the poisoned model follows the trigger far more often than the clean one
+    assert m["asr"] - c["asr"] >= 0.5 * (asr - clean_asr), (m, c)
+    split = t.poisoned.split
+    if name == "sig":  # clean-label: only target-class images carry the signal, labels untouched
+        assert len(split.poison_idx) == round(0.06 * len(split.data))
+        assert (split.original_labels[split.poison_idx] == 1).all() and (split.data.y == split.original_labels).all()
+    if name in ("bpp", "wanet", "input-aware", "blind"):  # poisoned on the fly: the stored split is clean
+        assert len(split.poison_idx) == 0 and (split.data.y == split.original_labels).all()
+    if name == "bpp":  # backdoor samples and contrastive negatives in every epoch
+        last = t.meta["history"][-1]
+        assert last["n_backdoor"] > 0 and last["n_negative"] > 0, last
+    if name == "lf":
+        trigger = t.attack.trigger
+        assert float(trigger.min()) == 0 and abs(float(trigger.max()) - 0.2) < 1e-6
