@@ -96,7 +96,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="gtsrb")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--attacks", nargs="+", help="default: every registered data-poisoning attack")
+    ap.add_argument("--attacks", nargs="+",
+                    help="names or JSON specs ('{\"name\": \"lf\", \"max_passes\": 5}'); "
+                         "default: every registered data-poisoning attack")
     ap.add_argument("--compress", nargs="+", default=COMPRESS)
     ap.add_argument("--train", help="JSON overriding the training recipe")
     ap.add_argument("--store", help="result store (default $BACKDOORLAB_HOME/bench_attacks.sqlite)")
@@ -114,7 +116,12 @@ def main() -> int:
         train = {**TRAIN[args.dataset], **(json.loads(args.train) if args.train else {})}
     except json.JSONDecodeError as exc:
         ap.error(f"--train is not JSON: {exc}")
-    attacks = attack_specs(args.dataset, args.attacks or data_poisoning_attacks())
+    try:
+        names = [json.loads(a) if a.lstrip().startswith("{") else a for a in args.attacks or data_poisoning_attacks()]
+    except json.JSONDecodeError as exc:
+        ap.error(f"--attacks: a spec is not JSON: {exc}")
+    attacks = [*attack_specs(args.dataset, [n for n in names if isinstance(n, str)]),
+               *[n for n in names if isinstance(n, dict)]]
     try:
         study = Study.from_dict({"name": f"bench-attacks-{args.dataset}", "datasets": [DATASETS[args.dataset]],
                                  "models": ["small-cnn"], "attacks": ["none", *attacks], "compress": args.compress,

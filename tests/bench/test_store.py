@@ -45,3 +45,34 @@ def test_missing_and_corrupt_store(tmp_path):
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(BackdoorLabError, match="not a SQLite database"):
         ResultStore(bad).rows()
+
+
+_CREATE_AND_PUT = """
+import sys, time
+from backdoorlab.bench.store import ResultStore, Row
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+store = ResultStore(sys.argv[1])
+for k in range(25):  # each write opens and closes a connection: the WAL file comes and goes
+    store.put(Row(run_id=f"r{sys.argv[3]}-{k}", study="s", dataset="d", model="m", attack="a",
+                  compression="c", defense="x", seed=0, config={}, status="ok"))
+    store.status([f"r{sys.argv[3]}-{k}"])
+"""
+
+
+def test_processes_creating_one_store_at_once(tmp_path):
+    """Processes that open a new store at the same instant all write their row: switching the file
+    to WAL answers "database is locked" at once, without SQLite's busy timeout (seen in CI as a
+    user error from the second of two `backdoorlab run` processes), so the set-up is retried."""
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "race.sqlite"
+    start = time.time() + 3.0  # after every interpreter has imported the store
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE_AND_PUT, str(path), str(start), str(i)],
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errs
+    assert sorted(r.run_id for r in ResultStore(path).rows()) == sorted(f"r{i}-{k}" for i in range(6) for k in range(25))

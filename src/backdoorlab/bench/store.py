@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from ..errors import BackdoorLabError
 
@@ -147,18 +147,40 @@ class ResultStore:
         if create:
             self.check_writable()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            con = sqlite3.connect(self.path, timeout=60)
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=NORMAL")
-            if create:
-                con.executescript(SCHEMA)
-            return con
-        except sqlite3.DatabaseError as exc:
-            if "not a database" in str(exc) or "malformed" in str(exc):
-                raise BackdoorLabError(f"result store {self.path} is not a SQLite database ({exc})") from None
-            raise BackdoorLabError(f"cannot open result store {self.path}: {exc}; check that the file "
-                                   f"and its directory {self.path.parent} are writable") from None
+        # Another process may be creating the store or switching it to WAL at this moment: that
+        # change answers "database is locked" at once, without SQLite's busy timeout, so the
+        # set-up is retried for as long as the timeout would have waited.
+        deadline = time.monotonic() + 60
+        delay = 0.01
+        while True:
+            con = None
+            try:
+                con = sqlite3.connect(self.path, timeout=60)
+                if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    con.execute("PRAGMA journal_mode=WAL")
+                con.execute("PRAGMA synchronous=NORMAL")
+                if create:
+                    con.executescript(SCHEMA)
+                return con
+            except sqlite3.OperationalError as exc:
+                if con is not None:
+                    con.close()
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() > deadline:
+                    self._open_error(exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except sqlite3.DatabaseError as exc:
+                if con is not None:
+                    con.close()
+                self._open_error(exc)
+
+    def _open_error(self, exc: sqlite3.DatabaseError) -> NoReturn:
+        """The one line for a store that cannot be opened (not a database, not writable)."""
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise BackdoorLabError(f"result store {self.path} is not a SQLite database ({exc})") from None
+        raise BackdoorLabError(f"cannot open result store {self.path}: {exc}; check that the file "
+                               f"and its directory {self.path.parent} are writable") from None
 
     def check_writable(self) -> None:
         """One line naming the path if the store cannot be created or written here (a missing
