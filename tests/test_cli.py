@@ -80,7 +80,7 @@ def test_readme_quickstart_sample_is_a_real_run(quickstart_run):
     readme = mod.readme_sample((REPO / "README.md").read_text())
     diff = mod.differences(readme, fresh)
     assert not diff, ("README.md's quickstart sample differs from a fresh run; update it with "
-                      f"`python benchmarks/readme_quickstart.py --write`\n" + "\n".join(diff) + f"\nfresh run:\n{fresh}")
+                      "`python benchmarks/readme_quickstart.py --write`\n" + "\n".join(diff) + f"\nfresh run:\n{fresh}")
 
 
 def test_readme_sample_comparison_tolerates_figures_only():

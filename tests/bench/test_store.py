@@ -75,4 +75,5 @@ def test_processes_creating_one_store_at_once(tmp_path):
                               stderr=subprocess.PIPE, text=True) for i in range(6)]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, errs
-    assert sorted(r.run_id for r in ResultStore(path).rows()) == sorted(f"r{i}-{k}" for i in range(6) for k in range(25))
+    want = sorted(f"r{i}-{k}" for i in range(6) for k in range(25))
+    assert sorted(r.run_id for r in ResultStore(path).rows()) == want
