@@ -62,12 +62,13 @@ VARIANTS = {"cassock": [{"name": "cassock", "variant": "cont"}, {"name": "cassoc
             "wanet": [{"name": "wanet", "s": 1.0}]}
 
 
-def attack_specs(dataset: str, names: list[str]) -> list:
-    """The specs measured for attack ``names`` on ``dataset``: presets and variants included."""
+def attack_specs(dataset: str, names: list[str], variants: bool = True) -> list:
+    """The specs measured for attack ``names`` on ``dataset``: presets and (``variants``) variants."""
     out: list = []
     for n in names:
         out.append(PRESETS.get(dataset, {}).get(n, n))
-        out.extend(VARIANTS.get(n, []))
+        if variants:
+            out.extend(VARIANTS.get(n, []))
     return out
 
 
@@ -100,6 +101,7 @@ def main() -> int:
                     help="names or JSON specs ('{\"name\": \"lf\", \"max_passes\": 5}'); "
                          "default: every registered data-poisoning attack")
     ap.add_argument("--compress", nargs="+", default=COMPRESS)
+    ap.add_argument("--no-variants", action="store_true", help="each attack's preset only, not its VARIANTS")
     ap.add_argument("--train", help="JSON overriding the training recipe")
     ap.add_argument("--store", help="result store (default $BACKDOORLAB_HOME/bench_attacks.sqlite)")
     ap.add_argument("--out")
@@ -120,7 +122,7 @@ def main() -> int:
         names = [json.loads(a) if a.lstrip().startswith("{") else a for a in args.attacks or data_poisoning_attacks()]
     except json.JSONDecodeError as exc:
         ap.error(f"--attacks: a spec is not JSON: {exc}")
-    attacks = [*attack_specs(args.dataset, [n for n in names if isinstance(n, str)]),
+    attacks = [*attack_specs(args.dataset, [n for n in names if isinstance(n, str)], not args.no_variants),
                *[n for n in names if isinstance(n, dict)]]
     try:
         study = Study.from_dict({"name": f"bench-attacks-{args.dataset}", "datasets": [DATASETS[args.dataset]],

@@ -100,3 +100,63 @@ def trained_gtsrb(attack, dataset=GTSRB_SUBSET, train=None) -> Trained:
         study.train = dataclasses.replace(study.train, **train)
     (cell,) = _PIPE.bind(study.cells())
     return Trained(_PIPE, cell)
+
+
+_REPAIRS: dict = {}
+
+
+def repair_gtsrb(defense, precision="fp32", attack="badnets", seed=0, dormant=None):
+    """Remover ``defense`` (any spec) on the session's GTSRB ``attack`` model, in the fp32-first
+    order (repair the FP32 model, then deploy it as the cell deploys, calibrated on the
+    defender's holdout): the row's metrics at ``precision`` (``ca_before``, ``asr_after``,
+    ``der``, the method's facts ...) with ``repair_seconds``. The defender's data is the 5%
+    holdout. The repair runs once per (defense, attack, seed) in a session, on the FP32
+    artifact; another precision redeploys the repaired model (one compression, not a second
+    repair; exact for methods that read nothing from the artifact but its FP32 model, which is
+    every remover on small-cnn). ``dormant``: a :class:`~backdoorlab.defenses.dormant.Dormancy`
+    to measure BEC and re-activation too (against the session's clean GTSRB model)."""
+    import time
+
+    import torch
+
+    from backdoorlab.bench.pipeline import evaluate
+    from backdoorlab.compress import compress
+    from backdoorlab.config import canonical_json
+    from backdoorlab.defenses import DEFENSES, DefenseContext
+    from backdoorlab.defenses.evaluate import ASR_BACKDOORED, ASR_MITIGATED, Truth, run_defense
+    from backdoorlab.metrics import der
+
+    t = trained_gtsrb(attack)
+    hold = t.poisoned.holdout
+    key = (canonical_json(defense), canonical_json(attack), seed, repr(dormant))
+    if key not in _REPAIRS:
+        models = []
+
+        def redeploy(m):
+            models.append(m)
+            return compress("fp32", m, calib=hold)
+
+        clf = redeploy(t.model)
+        models.clear()
+        before = evaluate(clf, t.bundle.test, t.attack)
+        ctx = DefenseContext(clf=clf, clean=hold, num_classes=t.bundle.info.num_classes,
+                             generator=torch.Generator().manual_seed(seed), train=t.poisoned.split.data,
+                             model=t.model, redeploy=redeploy)
+        truth = Truth(t.attack, t.poisoned.split.is_poisoned, t.bundle.test, before=before,
+                      reference_model=trained_gtsrb("none").model if dormant is not None else None)
+        rem = DEFENSES.build(defense)
+        rem.dormancy = dormant
+        start = time.perf_counter()
+        m, _ = run_defense(rem, ctx, truth)
+        _REPAIRS[key] = ({**m, "repair_seconds": time.perf_counter() - start}, models[-1] if models else None)
+    m, model = _REPAIRS[key]
+    if precision == "fp32":
+        return dict(m)
+    assert model is not None, "the remover never handed its repaired model to redeploy"
+    b = evaluate(compress(precision, t.model, calib=hold), t.bundle.test, t.attack)
+    a = evaluate(compress(precision, model, calib=hold), t.bundle.test, t.attack)
+    score = der(b["ca"], a["ca"], b["asr"], a["asr"])
+    return {**m, "ca_before": b["ca"], "asr_before": b["asr"], "ra_before": b["ra"], "ca_after": a["ca"],
+            "asr_after": a["asr"], "ra_after": a["ra"], "der": score, "defense_score": score,
+            "detected": (a["asr"] < ASR_MITIGATED) if b["asr"] >= ASR_BACKDOORED else None,
+            "repaired_precision": precision}

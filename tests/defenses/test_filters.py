@@ -133,7 +133,21 @@ def test_activation_clustering_on_gtsrb_badnets(badnets, precision):
     # clean, but which of them is the smaller one (the "poison" AC scores) depends on the model: AUROC
     # 0.706 fp32, 0.782 int8-torch here, 0.025 on CI's CPU (the clean images were the small cluster).
     assert max(m["auroc"], 1 - m["auroc"]) >= 0.65
-    assert m["detected"] is True and m["n_removed"] > 0
+    # Its "detected" here is not a detection: the flags fall on clean classes, as on a clean model
+    # (below), so the verdict is scored against the target, never taken alone.
+    assert m["n_removed"] > 0 and len(set(m["flagged"]) - {0}) > 0
+    assert m["target_flagged"] is (0 in m["flagged"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-torch"])
+def test_activation_clustering_flags_classes_of_a_clean_model(precision):
+    """AC's clean-model false positive: the silhouette rule flags classes of a model trained on
+    clean data, so its verdict on a backdoored model means nothing without this rate."""
+    from _helpers import trained_gtsrb
+
+    m = _run(trained_gtsrb("none"), precision, "activation-clustering")
+    assert m["detected"] is True and len(m["flagged"]) >= 3, m["flagged"]
+    assert m["auroc"] is None and m["target_flagged"] is None
 
 
 # --- hyperparameters are checked before anything runs ------------------------------------------

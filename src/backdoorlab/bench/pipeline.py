@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attacks import ATTACKS, Attack, PoisonedSplit
+from ..attacks import ATTACKS, Attack, NoAttack, PoisonedSplit
 from ..classifier import Classifier
 from ..config import canonical_json, to_dict
 from ..data.datasets import DataBundle, DatasetConfig, load_dataset
@@ -406,8 +406,29 @@ class Pipeline:
             redeploy=lambda m: compress(cell.compression, m, calib=poisoned.holdout, device=self.device),
             progress=bool(self.progress))
         truth = Truth(attack, poisoned.split.is_poisoned, self.data(cell.dataset).test,
-                      before={k: before[k] for k in ("ca", "asr", "ra")}, tta=cell.tta)
+                      before={k: before[k] for k in ("ca", "asr", "ra")}, tta=cell.tta,
+                      reference_model=self.reference_model(cell) if self._wants_reference(defense, attack, before)
+                      else None)
         return run_defense(defense, ctx, truth)
+
+    @staticmethod
+    def _wants_reference(defense: Any, attack: Attack, before: dict[str, Any]) -> bool:
+        """A remover on a backdoored model: its row says whether the backdoor is gone or dormant,
+        which needs a clean model of the same architecture (:mod:`backdoorlab.defenses.dormant`)."""
+        from ..defenses import Remover
+        from ..defenses.evaluate import ASR_BACKDOORED
+
+        return (isinstance(defense, Remover) and defense.dormancy is not None and not isinstance(attack, NoAttack)
+                and before["asr"] >= ASR_BACKDOORED)
+
+    def reference_model(self, cell: Cell) -> nn.Module:
+        """The clean FP32 model of ``cell``'s dataset, architecture, recipe and seed: the cell with
+        attack ``none`` (trained once and cached; a study with ``none`` among its attacks has it)."""
+        ref = dataclasses.replace(cell, attack="none", defense="none", compression="fp32",
+                                  sources=tuple(s for s in cell.sources if not s[0].startswith("attack.")))
+        attack = self.attack(ref)
+        model, _ = self.train(ref, self.poison(ref, attack), attack)
+        return model
 
 
 def _summary(m: dict[str, Any]) -> str:

@@ -148,7 +148,13 @@ class Filter(Defense):
 
 
 class Remover(Defense):
+    """``repair(ctx)`` works on ``ctx.model``: in the ``fp32-first`` order (``order``, see
+    :mod:`.order`) the FP32 model, in ``deploy-first`` the weights as shipped."""
+
     kind = "remover"
+    order: str = "fp32-first"
+    # the dormant-backdoor measurement's settings: "default" (Dormancy()), a Dormancy, or None (off)
+    dormancy: Any = "default"
 
     def repair(self, ctx: DefenseContext) -> tuple[Classifier, dict[str, Any]]:
         """Return the repaired model as deployed, and facts about the repair for the row."""
@@ -157,7 +163,46 @@ class Remover(Defense):
 
 class DefenseRegistry(Registry[Any]):
     """Defense classes by name; ``validate(spec)`` builds the defense, so hyperparameter values
-    are checked (cheaply, without running anything) before a study starts."""
+    are checked (cheaply, without running anything) before a study starts.
+
+    Every remover also takes ``order`` (``fp32-first``, the default, or ``deploy-first``; see
+    :mod:`.order`) and ``dormancy`` (``false``, or the settings of the dormant-backdoor
+    measurement, :class:`~.dormant.Dormancy`): they are set on the built remover, not passed to
+    its ``__init__``, and enter the run id like any parameter."""
+
+    # options every remover takes, set on the built remover rather than passed to its __init__
+    REMOVER_OPTIONS = ("order", "dormancy")
+
+    def _split_options(self, spec: Any) -> tuple[Any, dict[str, Any]]:
+        from .dormant import dormancy_settings
+        from .order import ORDERS
+
+        name, params = split_spec(spec)
+        opts = {k: params[k] for k in self.REMOVER_OPTIONS if k in params}
+        if not opts:
+            return spec, {}
+        cls = self.get(name)
+        if not (isinstance(cls, type) and issubclass(cls, Remover)):
+            raise BackdoorLabError(f"defense {name!r}: {', '.join(opts)} applies to removers only")
+        out: dict[str, Any] = {}
+        if "order" in opts:
+            if opts["order"] not in ORDERS:
+                raise BackdoorLabError(f"defense {name!r}: order must be one of {', '.join(ORDERS)}, "
+                                       f"got {opts['order']!r}")
+            out["order"] = opts["order"]
+        if "dormancy" in opts:
+            out["dormancy"] = dormancy_settings(opts["dormancy"], f"defense {name!r}: dormancy")
+        return {"name": name, **{k: v for k, v in params.items() if k not in opts}}, out
+
+    def check_params(self, name: str, params: Any) -> None:
+        super().check_params(name, {k: v for k, v in params.items() if k not in self.REMOVER_OPTIONS})
+
+    def build(self, spec: Any, **extra: Any) -> Any:
+        spec, opts = self._split_options(spec)
+        obj = super().build(spec, **extra)
+        for k, v in opts.items():
+            setattr(obj, k, v)
+        return obj
 
     def validate(self, spec: Any) -> None:
         name, params = split_spec(spec)

@@ -21,6 +21,7 @@ whenever the surrogate was used.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,9 @@ class Truth:
     test: TensorData
     before: dict[str, float] = field(default_factory=dict)
     tta: str = "none"
+    # a clean model of the same architecture and recipe: with it, a remover's row also says whether
+    # the backdoor is gone or dormant (BEC and re-activation, :mod:`.dormant`)
+    reference_model: Any = None
 
     @property
     def clean_model(self) -> bool:
@@ -162,15 +166,44 @@ def _score_filter(flt: Filter, ctx: DefenseContext, truth: Truth) -> dict[str, A
 def _score_remover(rem: Remover, ctx: DefenseContext, truth: Truth) -> dict[str, Any]:
     from ..bench.pipeline import evaluate
 
+    repaired_fp32: list[Any] = []
+    if ctx.redeploy is not None:  # the repaired FP32 model, as the remover hands it over to deploy
+        deploy = ctx.redeploy
+
+        def redeploy(m: Any) -> Any:
+            repaired_fp32.append(m)
+            return deploy(m)
+
+        ctx = dataclasses.replace(ctx, redeploy=redeploy)
+    backdoored_fp32 = ctx.model
+    if rem.order == "deploy-first" and ctx.model is not None:
+        from .order import shipped_model
+
+        ctx = dataclasses.replace(ctx, model=shipped_model(ctx.clf, ctx.model))
+    start = time.perf_counter()
     repaired, facts = rem.repair(ctx)
+    repair_wall = time.perf_counter() - start
     after = evaluate(repaired, truth.test, truth.attack, tta=truth.tta)
     b = truth.before or evaluate(ctx.clf, truth.test, truth.attack, tta=truth.tta)
     score = der(b["ca"], after["ca"], b["asr"], after["asr"])
     backdoored = b["asr"] >= ASR_BACKDOORED and not truth.clean_model
-    return {"detected": (after["asr"] < ASR_MITIGATED) if backdoored else None, "defense_score": score,
-            "der": score, "ca_before": b["ca"], "asr_before": b["asr"], "ra_before": b["ra"],
-            "ca_after": after["ca"], "asr_after": after["asr"], "ra_after": after["ra"],
-            "repaired_precision": repaired.precision, **facts}
+    out = {"detected": (after["asr"] < ASR_MITIGATED) if backdoored else None, "defense_score": score,
+           "der": score, "ca_before": b["ca"], "asr_before": b["asr"], "ra_before": b["ra"],
+           "ca_after": after["ca"], "asr_after": after["asr"], "ra_after": after["ra"],
+           "repaired_precision": repaired.precision, "repair_wall": repair_wall, "repair_order": rem.order,
+           **facts}
+    if not repaired_fp32 and hasattr(repaired, "module"):
+        repaired_fp32.append(repaired.module)
+    settings = rem.dormancy
+    if (settings is not None and backdoored and truth.reference_model is not None and backdoored_fp32 is not None
+            and repaired_fp32):
+        from .dormant import Dormancy, dormancy
+
+        out.update(dormancy(backdoored=backdoored_fp32, repaired=repaired_fp32[-1], clean=truth.reference_model,
+                            deployed=repaired, attack=truth.attack, test=truth.test, device=ctx.device,
+                            settings=Dormancy() if settings == "default" else settings,
+                            generator=torch.Generator().manual_seed(int(ctx.generator.initial_seed()) % 2**31)))
+    return out
 
 
 __all__ = ["Truth", "run_defense", "triggered_test"]
