@@ -104,6 +104,9 @@ def test_a_fine_tuned_backdoor_is_dormant_and_re_activates_on_gtsrb():
     m = _helpers.repair_gtsrb("nad", "fp32", dormant=Dormancy(n_craft=300, n_eval=500, wb_steps=100, queries=300,
                                                               ft_epochs=5))
     assert m["bec"] > 0.4 and m["bec_cka_repaired"] > m["bec_cka_clean"] + 0.1, m
-    assert m["reactivated_asr_whitebox"] > m["asr_after_eval_half"] + 0.2, m
+    # "well above its post-repair value": the perturbation closes at least half of the gap to 1
+    # (NAD's post-repair ASR moves with the seed and the CPU, 0.47-0.74, BENCHMARKS.md)
+    after = m["asr_after_eval_half"]
+    assert m["reactivated_asr_whitebox"] >= after + 0.5 * (1 - after), m
+    assert m["reactivated_asr_transfer"] >= after + 0.3 * (1 - after), m
     assert m["reactivated_asr_whitebox"] > m["reactivated_asr_clean_model"] + 0.15, m
-    assert m["reactivated_asr_transfer"] > m["asr_after_eval_half"] + 0.15, m
