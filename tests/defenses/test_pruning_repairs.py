@@ -196,7 +196,6 @@ def test_rnp_removes_gtsrb_badnets(precision):
     assert m["ca_before"] - m["ca_after"] < 0.05, m
     assert m["unlearning_reached_threshold"] is True and m["prune_threshold"] == 0.2
     assert 0 < m["channels_pruned"] < m["channels_total"]
-    assert m["repair_seconds"] < 120
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8-torch"])
@@ -230,7 +229,6 @@ def test_anp_with_the_papers_threshold_needs_more_iterations_than_a_cpu_test_aff
     assert m["prune_threshold"] == 0.2 and m["mask_iterations"] == 100
     assert 0 < m["channels_pruned"] < 40, m
     assert m["asr_after"] < m["asr_before"], m
-    assert m["repair_seconds"] < 120
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8-torch"])
@@ -247,4 +245,3 @@ def test_anp_with_the_holdout_rule_removes_gtsrb_badnets(precision):
     assert m["ca_before"] - m["ca_after"] < 0.08, m
     assert m["holdout_acc_before"] - m["holdout_acc_pruned"] <= 0.02 + 1e-9
     assert m["prune_threshold"] > 0.2 and m["max_acc_drop"] == 0.02
-    assert m["repair_seconds"] < 120
