@@ -141,7 +141,12 @@ class Detector(Defense):
 
 
 class Filter(Defense):
+    """``minority_assumption``: the method finds poison as the minority of its class (Activation
+    Clustering's small cluster, Spectral Signatures' outliers); where the ground truth says the
+    poison is the majority of the target class, the row carries no verdict and says why."""
+
     kind = "filter"
+    minority_assumption: ClassVar[bool] = False
 
     def filter(self, ctx: DefenseContext) -> FilterResult:
         raise NotImplementedError

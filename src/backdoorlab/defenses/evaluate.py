@@ -160,7 +160,24 @@ def _score_filter(flt: Filter, ctx: DefenseContext, truth: Truth) -> dict[str, A
     else:
         out.update(auroc=None, defense_score=None, removal_recall=None, removal_precision=0.0)
     out.update(res.metrics)
+    share = _target_poison_share(truth, ctx)
+    if share is not None:
+        out["target_poison_share"] = share
+        if flt.minority_assumption and share > 0.5:
+            # the method looks for poison as the minority of its class; here it is the majority,
+            # so a flag (or its absence) would come from an inverted assumption: no verdict
+            out["detected"] = None
+            out["assumption"] = (f"poison is {share:.0%} of target class {truth.target}: {flt.name} assumes it is "
+                                 "a minority of its class; no verdict")
     return out
+
+
+def _target_poison_share(truth: Truth, ctx: DefenseContext) -> float | None:
+    """Share of the all-to-one target class's training samples that are poisoned (ground truth)."""
+    if truth.target is None or ctx.train is None or not truth.poisoned.any():
+        return None
+    in_class = ctx.train.y.cpu() == truth.target
+    return float(truth.poisoned.bool().cpu()[in_class].float().mean()) if in_class.any() else None
 
 
 def _score_remover(rem: Remover, ctx: DefenseContext, truth: Truth) -> dict[str, Any]:

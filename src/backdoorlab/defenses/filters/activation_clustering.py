@@ -51,6 +51,8 @@ class ActivationClustering(Filter):
     ``batch_size``: images per forward pass when reading features.
     """
 
+    minority_assumption = True
+
     name = "activation-clustering"
     black_box = frozenset({Capability.FEATURES})
 

@@ -47,6 +47,8 @@ class SpectralSignatures(Filter):
     samples get no verdict. ``batch_size``: images per forward pass when reading features.
     """
 
+    minority_assumption = True
+
     name = "spectral-signatures"
     black_box = frozenset({Capability.FEATURES})
 
