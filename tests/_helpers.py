@@ -160,3 +160,22 @@ def repair_gtsrb(defense, precision="fp32", attack="badnets", seed=0, dormant=No
             "asr_after": a["asr"], "ra_after": a["ra"], "der": score, "defense_score": score,
             "detected": (a["asr"] < ASR_MITIGATED) if b["asr"] >= ASR_BACKDOORED else None,
             "repaired_precision": precision}
+
+
+def bn_model(arch, num_classes=10):
+    """A registered architecture (or ``"small-cnn-tiny"``) with random weights and non-trivial
+    BatchNorm statistics, so that BN folding in a deployment is exercised (3-channel input)."""
+    import torch
+
+    from backdoorlab.models import build_model
+
+    torch.manual_seed(0)
+    spec = {"name": "small-cnn", "widths": (8, 16, 32, 64)} if arch == "small-cnn-tiny" else arch
+    model = build_model(spec, num_classes, 3, (0.5,), (0.25,)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.1, 0.3)
+    return model

@@ -44,17 +44,11 @@ def _ctx(model, clf, clean, redeploy=None):
 def test_pruned_channels_output_exactly_zero_through_int8_and_onnx(arch):
     """Pruned channels stay exactly 0 in the FP32 model, after FX int8 (BN folded into the conv) and
     in ONNX Runtime QDQ int8, and after fine-tuning (the KeepPruned hook)."""
-    from backdoorlab.compress import compress
-    from backdoorlab.models import build_model
+    from _helpers import bn_model
 
-    torch.manual_seed(0)
-    model = build_model(arch, 10, 3, (0.5,), (0.25,)).eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is exercised
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.bias.uniform_(-0.1, 0.3)
+    from backdoorlab.compress import compress
+
+    model = bn_model(arch)  # non-trivial BatchNorm statistics, so folding is exercised
     g = torch.Generator().manual_seed(1)
     clean = TensorData(torch.rand(24, 3, 16, 16, generator=g), torch.randint(0, 10, (24,), generator=g))
     block = find_last_block(model)

@@ -54,18 +54,9 @@ def test_defaults_are_the_papers():
 
 
 def _model(arch):
-    from backdoorlab.models import build_model
+    from _helpers import bn_model
 
-    torch.manual_seed(0)
-    spec = {"name": "small-cnn", "widths": (8, 16, 32, 64)} if arch == "small-cnn-tiny" else arch
-    model = build_model(spec, 10, 3, (0.5,), (0.25,)).eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so folding is exercised
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-                m.bias.uniform_(-0.1, 0.3)
-    return model
+    return bn_model(arch)
 
 
 def _clean(n=12):

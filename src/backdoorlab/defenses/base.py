@@ -57,6 +57,16 @@ class DefenseContext:
     redeploy: Callable[[nn.Module], Classifier] | None = None
     progress: bool = False
 
+    def deploy(self, model: nn.Module) -> Classifier:
+        """A remover's repaired FP32 ``model`` deployed as the cell deploys (``redeploy``), or as
+        a plain torch classifier where there is none."""
+        from ..classifier import TorchClassifier
+
+        model = model.float().eval()
+        if self.redeploy is not None:
+            return self.redeploy(model)
+        return TorchClassifier(model, device=self.device)
+
 
 def pick(clf: Classifier, *caps: Capability, who: str) -> tuple[Classifier, str]:
     """The classifier to run a part of a defense that needs ``caps`` on, and its name.

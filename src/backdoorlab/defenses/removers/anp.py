@@ -56,7 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...classifier import Classifier, TorchClassifier
+from ...classifier import Classifier
 from ..base import DEFENSES, DefenseContext, Remover
 from .neuron_pruning import (
     NeuronMasks,
@@ -155,9 +155,7 @@ class ANP(Remover):
 
     def repair(self, ctx: DefenseContext) -> tuple[Classifier, dict[str, Any]]:
         model, _, facts = self.prune(ctx)
-        if ctx.redeploy is not None:
-            return ctx.redeploy(model), facts
-        return TorchClassifier(model, device=ctx.device), facts
+        return ctx.deploy(model), facts
 
 
 __all__ = ["ANP"]

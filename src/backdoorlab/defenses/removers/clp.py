@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...classifier import Classifier, TorchClassifier
+from ...classifier import Classifier
 from ...errors import check
 from ..base import DEFENSES, DefenseContext, Remover
 from .neuron_pruning import BNUnit, bn_units, check_number, fp32_copy, prune_units_
@@ -96,9 +96,7 @@ class CLP(Remover):
 
     def repair(self, ctx: DefenseContext) -> tuple[Classifier, dict[str, Any]]:
         model, _, facts = self.prune(ctx)
-        if ctx.redeploy is not None:
-            return ctx.redeploy(model), facts
-        return TorchClassifier(model, device=ctx.device), facts
+        return ctx.deploy(model), facts
 
 
 __all__ = ["CLP", "channel_lipschitz"]

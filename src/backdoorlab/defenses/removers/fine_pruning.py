@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...classifier import Capability, Classifier, TorchClassifier
+from ...classifier import Capability, Classifier
 from ...errors import BackdoorLabError, check
 from ...train.fit import FitState, Hook, TrainConfig, fit
 from ..base import DEFENSES, DefenseContext, Remover
@@ -248,9 +248,7 @@ class FinePruning(Remover):
         model = model.float().eval()
         facts["finetune_epochs"] = self.epochs
         facts["finetune_lr"] = self.lr
-        if ctx.redeploy is not None:
-            return ctx.redeploy(model), facts
-        return TorchClassifier(model, device=ctx.device), facts
+        return ctx.deploy(model), facts
 
 
 __all__ = ["FinePruning", "KeepPruned", "LastBlock", "find_last_block", "prune_channels_", "pruning_curve"]

@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from ...classifier import Classifier, TorchClassifier
+from ...classifier import Classifier
 from ...errors import check
 from ...train.fit import TrainConfig, fit
 from ..base import DEFENSES, DefenseContext, Remover
@@ -73,14 +73,6 @@ def start_model(ctx: DefenseContext, who: str) -> nn.Module:
     return copy.deepcopy(ctx.model).float().to(ctx.device)
 
 
-def deploy(ctx: DefenseContext, model: nn.Module) -> Classifier:
-    """The repaired FP32 ``model`` deployed as the cell deploys (or as a plain torch classifier)."""
-    model = model.float().eval()
-    if ctx.redeploy is not None:
-        return ctx.redeploy(model)
-    return TorchClassifier(model, device=ctx.device)
-
-
 @DEFENSES.register("ft")
 class FineTuning(Remover):
     """Plain fine-tuning on the clean holdout (Liu et al., RAID 2018; BackdoorBench's ``ft``).
@@ -108,7 +100,7 @@ class FineTuning(Remover):
         facts = {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
                  "holdout_size": len(ctx.clean), "steps": self.epochs * math.ceil(len(ctx.clean) / self.batch_size),
                  "final_train_acc": res.history[-1]["train_acc"]}
-        return deploy(ctx, res.model), facts
+        return ctx.deploy(res.model), facts
 
 
-__all__ = ["FineTuning", "check_int", "check_number", "check_sgd", "deploy", "start_model"]
+__all__ = ["FineTuning", "check_int", "check_number", "check_sgd", "start_model"]

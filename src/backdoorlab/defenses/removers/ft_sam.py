@@ -59,7 +59,7 @@ from ...classifier import Classifier
 from ...errors import check
 from ...train.fit import FitState, Hook, TrainConfig, fit
 from ..base import DEFENSES, DefenseContext, Remover
-from .ft import check_number, check_sgd, deploy, start_model
+from .ft import check_number, check_sgd, start_model
 
 
 class _StepFromOrigin:
@@ -167,7 +167,7 @@ class FTSAM(Remover):
         facts = {"epochs": self.epochs, "lr": self.lr, "rho": self.rho, "adaptive": self.adaptive,
                  "label_smoothing": self.label_smoothing, "batch_size": self.batch_size,
                  "holdout_size": len(ctx.clean), "final_train_acc": res.history[-1]["train_acc"]}
-        return deploy(ctx, res.model), facts
+        return ctx.deploy(res.model), facts
 
 
 __all__ = ["FTSAM", "SAMStep"]

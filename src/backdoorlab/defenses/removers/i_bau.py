@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...classifier import Classifier, TorchClassifier
+from ...classifier import Classifier
 from ...errors import check
 from ..base import DEFENSES, DefenseContext, Remover
 
@@ -223,9 +223,7 @@ class IBAU(Remover):
                  "fixed_point_K": self.K, "fixed_point_iters": fp_iters, "lr": self.lr, "batch_size": self.batch_size,
                  "norm_bound": self.norm_bound, "pert_norm": norms[-1], "pert_norm_max": max(norms),
                  "pert_fooled_first": fooled[0], "pert_fooled_last": fooled[-1]}
-        if ctx.redeploy is not None:
-            return ctx.redeploy(model), facts
-        return TorchClassifier(model, device=ctx.device), facts
+        return ctx.deploy(model), facts
 
 
 __all__ = ["IBAU", "implicit_hypergradient"]

@@ -76,7 +76,7 @@ from ...classifier import Classifier
 from ...errors import BackdoorLabError, check
 from ...train.fit import FitState, Hook, TrainConfig, accuracy, fit
 from ..base import DEFENSES, DefenseContext, Remover
-from .ft import check_number, check_sgd, deploy, start_model
+from .ft import check_number, check_sgd, start_model
 
 PROBE = 64  # side of the probe image that finds the stages
 WARM = 2  # epochs at the teacher's full learning rate (the authors' adjust_learning_rate)
@@ -225,7 +225,7 @@ class NAD(Remover):
                  "p": self.p, "attention_layers": layers, "holdout_size": len(ctx.clean),
                  "teacher_holdout_acc": accuracy(teacher, ctx.clean, device=ctx.device),
                  "final_train_acc": res.history[-1]["train_acc"], "final_at_loss": float(sum(distil.last))}
-        return deploy(ctx, res.model), facts
+        return ctx.deploy(res.model), facts
 
 
 __all__ = ["NAD", "AttentionDistillation", "attention_layers", "attention_map"]

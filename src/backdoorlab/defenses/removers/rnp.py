@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...classifier import Classifier, TorchClassifier
+from ...classifier import Classifier
 from ..base import DEFENSES, DefenseContext, Remover
 from .neuron_pruning import (
     NeuronMasks,
@@ -185,9 +185,7 @@ class RNP(Remover):
 
     def repair(self, ctx: DefenseContext) -> tuple[Classifier, dict[str, Any]]:
         model, _, facts = self.prune(ctx)
-        if ctx.redeploy is not None:
-            return ctx.redeploy(model), facts
-        return TorchClassifier(model, device=ctx.device), facts
+        return ctx.deploy(model), facts
 
 
 __all__ = ["RNP"]

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...classifier import Classifier, TorchClassifier
+from ...classifier import Classifier
 from ...errors import check
 from ..base import DEFENSES, DefenseContext, Remover
 
@@ -228,9 +228,7 @@ class SAU(Remover):
                  # adversarial example fools h_0, and share that still fools h into the same label
                  "adv_fooled_ref_last": fooled_ref_sum / (n * self.outer_steps),
                  "adv_shared_last": shared_sum / (n * self.outer_steps)}
-        if ctx.redeploy is not None:
-            return ctx.redeploy(model), facts
-        return TorchClassifier(model, device=ctx.device), facts
+        return ctx.deploy(model), facts
 
 
 __all__ = ["SAU"]
