@@ -110,3 +110,24 @@ def test_a_fine_tuned_backdoor_is_dormant_and_re_activates_on_gtsrb():
     assert m["reactivated_asr_whitebox"] >= after + 0.5 * (1 - after), m
     assert m["reactivated_asr_transfer"] >= after + 0.3 * (1 - after), m
     assert m["reactivated_asr_whitebox"] > m["reactivated_asr_clean_model"] + 0.15, m
+
+
+def test_an_artifact_without_gradients_still_gets_the_black_box_re_activation():
+    """No gradient and no surrogate: the white-box re-activation is left out and says why; BEC,
+    the black-box and transfer attacks still run (the row is not lost)."""
+    from backdoorlab.attacks import ATTACKS
+    from backdoorlab.classifier import Capability
+    from backdoorlab.data import load_dataset
+    from backdoorlab.defenses.dormant import Dormancy, dormancy
+    from backdoorlab.models import build_model
+
+    b = load_dataset("digits")
+    attack = ATTACKS.build("badnets", info=b.info)
+    torch.manual_seed(0)
+    a, r, c = (build_model("small-cnn", 10, 1, b.info.mean, b.info.std).eval() for _ in range(3))
+    blind = TorchClassifier(r, device="cpu", capabilities=frozenset({Capability.FEATURES}))
+    m = dormancy(backdoored=a, repaired=r, clean=c, deployed=blind, attack=attack, test=b.test,
+                 settings=Dormancy(n_craft=32, n_eval=32, wb_steps=2, queries=3, bb_batch=8, ft_epochs=1))
+    assert m["reactivated_asr_whitebox"] is None and "grad" in m["reactivation_note"]
+    assert 0 <= m["reactivated_asr_blackbox"] <= 1 and 0 <= m["reactivated_asr_transfer"] <= 1
+    assert m["bec"] is None or isinstance(m["bec"], float)

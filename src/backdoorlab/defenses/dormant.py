@@ -363,11 +363,16 @@ def dormancy(*, backdoored: nn.Module, repaired: nn.Module, clean: nn.Module, de
     out["reactivation_n_craft"], out["reactivation_n_eval"] = len(craft_idx), len(eval_idx)
     out["asr_after_eval_half"] = asr_with(deployed, xt_eval, t_eval, None)
 
-    fn, where = _grad_fn(deployed)
-    d_wb = reactivate_whitebox([fn], xt_craft, t_craft, eps=settings.eps, steps=settings.wb_steps,
-                               lr=settings.wb_lr, generator=g)
-    out["reactivated_asr_whitebox"] = asr_with(deployed, xt_eval, t_eval, d_wb)
-    out["reactivation_grad_on"] = where
+    try:
+        fn, where = _grad_fn(deployed)
+    except BackdoorLabError as exc:  # no gradient and no surrogate: the black-box parts still run
+        out["reactivated_asr_whitebox"], out["reactivation_grad_on"] = None, None
+        out["reactivation_note"] = str(exc)
+    else:
+        d_wb = reactivate_whitebox([fn], xt_craft, t_craft, eps=settings.eps, steps=settings.wb_steps,
+                                   lr=settings.wb_lr, generator=g)
+        out["reactivated_asr_whitebox"] = asr_with(deployed, xt_eval, t_eval, d_wb)
+        out["reactivation_grad_on"] = where
 
     d_bb, used = reactivate_blackbox(deployed, xt_craft, t_craft, eps=settings.eps, queries=settings.queries,
                                      batch=settings.bb_batch, generator=g)
