@@ -27,6 +27,8 @@ _EXPORTS = {
     "Study": "backdoorlab.bench.study",
     "run_study": "backdoorlab.bench.pipeline",
     "ResultStore": "backdoorlab.bench.store",
+    "scan": "backdoorlab.scanning",
+    "ScanReport": "backdoorlab.scanning",
 }
 
 

@@ -97,6 +97,37 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .scanning import scan
+
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise BackdoorLabError(f"--out {out} exists and is not a directory")
+    report = scan(args.model, data=args.data, arch=args.arch, input_size=args.input_size, budget=args.budget,
+                  seed=args.seed, progress=False if args.no_progress else sys.stderr.isatty())
+    if args.out:
+        report.write_html(args.out)
+    if args.json:
+        print(report.to_json())
+    else:
+        targets = ", ".join(map(str, report.targets)) or "none"
+        fpr = f", false-positive rate {report.fpr:.2f} on clean models" if report.fpr is not None else ""
+        score = "" if report.score is None else f" (score {report.score:.3g} vs threshold " \
+            f"{report.threshold if report.threshold is None else format(report.threshold, '.3g')}{fpr})"
+        print(f"{report.verdict}{score}; suspected target: {targets}"
+              + (f"; victims: {', '.join(map(str, report.victims))}" if report.victims else ""))
+        for o in report.scanners:
+            state = o.error and f"not run: {o.error}" or f"score {o.score:.3g}, {'over' if o.over else 'under'} " \
+                f"threshold, {o.seconds:.1f} s on {o.ran_on}"
+            print(f"  {o.name}: {state}")
+        for n in report.model["notes"]:
+            print(f"  note: {n}")
+        if args.out:
+            print(f"  report: {Path(args.out) / 'index.html'}")
+    return report.exit_status
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .attacks import ATTACKS
     from .compress import COMPRESSIONS
@@ -160,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dest", help="where to put it (default $BACKDOORLAB_HOME/data)")
     f.add_argument("--mirror", help="base URL of a mirror holding the same files")
     f.set_defaults(fn=cmd_fetch)
+
+    sc = sub.add_parser("scan", help="is this model file safe to ship? exit 0 clean, 1 backdoored, "
+                        "3 inconclusive, 2 error")
+    sc.add_argument("model", help="ONNX (FP32 or INT8), safetensors or a PyTorch state dict (with --arch)")
+    sc.add_argument("--data", help="clean images: a registered dataset name or a folder <class>/<image>; "
+                    "omit for the data-free mode")
+    sc.add_argument("--arch", help="architecture of a safetensors / state-dict file (see `backdoorlab list models`)")
+    sc.add_argument("--input-size", help="C,H,W where neither the file nor --data fixes it, e.g. 3,32,32")
+    sc.add_argument("--budget", default="fast", choices=["fast", "standard", "thorough"])
+    sc.add_argument("--out", help="write an HTML report with the recovered trigger into this directory")
+    sc.add_argument("--json", action="store_true", help="print the report as JSON")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--no-progress", action="store_true")
+    sc.set_defaults(fn=cmd_scan)
 
     ls = sub.add_parser("list", help="list registered names")
     ls.add_argument("kind", nargs="?", choices=["datasets", "models", "attacks", "compress", "defenses"])

@@ -16,6 +16,10 @@ from backdoorlab.defenses.evaluate import ASR_BACKDOORED
 # budgets for the smoke test only: optimisation steps, epochs, images
 FAST: dict[str, dict] = {
     "neural-cleanse": {"steps": 3, "batches_per_step": 2},
+    "k-arm": {"steps": 4},
+    "mm-bd": {"restarts": 2, "steps": 5},
+    "neuron-inspect": {"n_images": 16},
+    "ban": {"steps": 2, "mask_epochs": 2, "batches_per_epoch": 2, "batch_size": 32},
     "strip": {"n": 8, "fit_size": 100},
     "efrap": {"iters": 20, "calib_size": 64},
     "fine-pruning": {"epochs": 1},

@@ -256,6 +256,10 @@ def _trigger_grid(row: Row, images: dict, title: str = "") -> bytes | None:
     k = len(trig)
     flagged = {int(f) for f in row.metrics.get("flagged") or []}
     target = _target_of(row)
+    # one image per label (Neural Cleanse), or per optimised arm with its label (K-Arm's arm_labels)
+    arm_labels = row.metrics.get("arm_labels")
+    per_arm = isinstance(arm_labels, list) and len(arm_labels) == len(trig)
+    label_of = list(arm_labels) if per_arm else list(range(len(trig)))
     cols = min(k, 11)
     rows_n = math.ceil(k / cols)
     fig = Figure(figsize=(cols * 0.95, rows_n * 1.1 + 0.3))
@@ -268,11 +272,12 @@ def _trigger_grid(row: Row, images: dict, title: str = "") -> bytes | None:
             ax.imshow(img)
         ax.set_xticks([])
         ax.set_yticks([])
-        hit = i in flagged
+        lab = label_of[i]
+        hit = lab in flagged
         for sp in ax.spines.values():
             sp.set_edgecolor("red" if hit else "#bbb")
             sp.set_linewidth(3 if hit else 0.5)
-        ax.set_title(f"{i}{' T' if i == target else ''}", fontsize=7, color="red" if hit else "black")
+        ax.set_title(f"{lab}{' T' if lab == target else ''}", fontsize=7, color="red" if hit else "black")
     fig.suptitle(title or f"{row.dataset} {row.model} {row.attack} {row.compression} seed {row.seed}", fontsize=8)
     return _png(fig)
 

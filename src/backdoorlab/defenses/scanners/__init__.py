@@ -3,10 +3,22 @@
 Registered here (importing this package registers them in :data:`~backdoorlab.defenses.DEFENSES`):
 
 * ``neural-cleanse``: Neural Cleanse (Wang et al., IEEE S&P 2019), :mod:`.neural_cleanse`.
+* ``k-arm``: K-Arm (Shen et al., ICML 2021), bandit-scheduled trigger reverse engineering over
+  pre-screened candidate labels, :mod:`.k_arm`.
+* ``mm-bd``: MM-BD, the maximum-margin statistic (Wang et al., IEEE S&P 2024), :mod:`.mm_bd`;
+  data-free (no clean images).
+* ``neuron-inspect``: NeuronInspect, saliency-heatmap features (Huang et al., arXiv:1911.07399),
+  :mod:`.neuron_inspect`.
+* ``ban``: BAN, adversarial neuron noise on features decoupled by a mask (Xu et al., NeurIPS 2024),
+  :mod:`.ban`; trigger-agnostic.
 """
 
 from __future__ import annotations
 
+from .ban import BAN
+from .k_arm import KArm
+from .mm_bd import MMBD
 from .neural_cleanse import NeuralCleanse, mad_anomaly
+from .neuron_inspect import NeuronInspect
 
-__all__ = ["NeuralCleanse", "mad_anomaly"]
+__all__ = ["BAN", "KArm", "MMBD", "NeuralCleanse", "NeuronInspect", "mad_anomaly"]
