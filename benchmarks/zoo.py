@@ -254,10 +254,13 @@ def scan(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0
-        if proc.returncode not in (0, 1, 3):
-            print(f"{m['file']}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}", flush=True)
+        try:
+            rep = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            rep = None
+        if proc.returncode not in (0, 1, 3) or rep is None:
+            print(f"{m['file']}: exit {proc.returncode}: {proc.stderr.strip()[-600:]}", flush=True)
             continue
-        rep = json.loads(proc.stdout)
         done[m["file"]] = {"report": rep, "wall": wall}
         results_path.write_text(json.dumps(done))
         print(

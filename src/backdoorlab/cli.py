@@ -233,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception:
+        if args.command != "scan":
+            raise
+        # a bug in a scanner: keep its traceback, but never exit 1, which means "backdoored"
+        import traceback
+
+        traceback.print_exc()
+        return 2
 
 
 if __name__ == "__main__":

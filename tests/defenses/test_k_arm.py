@@ -138,7 +138,9 @@ def badnets():
     return trained_gtsrb("badnets")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8-torch"])
+# int8-torch (gradients from the surrogate) on demand (`-m slow`, 14 s); the scan tests run K-Arm
+# on an INT8 ONNX file in the default run
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int8-torch", marks=pytest.mark.slow)])
 def test_k_arm_flags_the_badnets_target(badnets, precision):
     from backdoorlab.compress import compress
 
