@@ -75,6 +75,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
         ScannerPlan("ban", {}),
         ScannerPlan("neural-cleanse", {"steps": 100, "batches_per_step": 10}),
         ScannerPlan("neuron-inspect", {}),
+        # natural or injected: symmetric feature differencing of K-Arm's triggers (reported apart)
+        ScannerPlan("sfd", {}),
     )},
 }
 

@@ -11,6 +11,8 @@ Registered here (importing this package registers them in :data:`~backdoorlab.de
   :mod:`.neuron_inspect`.
 * ``ban``: BAN, adversarial neuron noise on features decoupled by a mask (Xu et al., NeurIPS 2024),
   :mod:`.ban`; trigger-agnostic.
+* ``sfd``: SFD / Ex-Ray, symmetric feature differencing of K-Arm's triggers: natural feature or
+  injected backdoor (Liu et al., CVPR 2022), :mod:`.sfd`.
 """
 
 from __future__ import annotations
@@ -20,5 +22,6 @@ from .k_arm import KArm
 from .mm_bd import MMBD
 from .neural_cleanse import NeuralCleanse, mad_anomaly
 from .neuron_inspect import NeuronInspect
+from .sfd import SFD
 
-__all__ = ["BAN", "KArm", "MMBD", "NeuralCleanse", "NeuronInspect", "mad_anomaly"]
+__all__ = ["BAN", "KArm", "MMBD", "NeuralCleanse", "NeuronInspect", "SFD", "mad_anomaly"]
