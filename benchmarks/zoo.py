@@ -143,7 +143,8 @@ def build(args: argparse.Namespace) -> None:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline(device="auto", progress=False)
-    manifest = []
+    old = root / "manifest.json"  # other slices built before (--only) keep their entries
+    manifest = json.loads(old.read_text()) if old.exists() else []
     for e in entries(args.only):
         t0 = time.perf_counter()
         study = Study.from_dict(
@@ -188,6 +189,7 @@ def build(args: argparse.Namespace) -> None:
             else:
                 p, prec = root / f"{slug}.safetensors", "fp32"
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(p))
+            manifest = [m for m in manifest if m["file"] != p.name]
             manifest.append(
                 {
                     "file": p.name,

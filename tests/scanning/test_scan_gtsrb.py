@@ -54,7 +54,7 @@ def test_a_badnets_file_is_backdoored_with_its_target(zoo, capsys, tmp_path):
     assert code == 1 and rep["verdict"] == "backdoored" and rep["targets"] == [0], rep
     assert rep["model"]["format"] == "onnx" and rep["model"]["gradient_path"] == "surrogate"
     assert rep["model"]["surrogate_check"]["agreement"] == 1.0  # the FP32 replay is the same computation
-    assert rep["model"]["clean_images"] == 43 * 5
+    assert rep["model"]["clean_images"] == 43 * 5  # the folder holds 5 per class (fewer than the budget takes)
     ran = {o["name"]: o for o in rep["scanners"]}
     assert ran["k-arm"]["error"] is None and ran["k-arm"]["flagged"][:1] == [0]
     page = (tmp_path / "page" / "index.html").read_text()
