@@ -196,7 +196,9 @@ def build(args: argparse.Namespace) -> None:
                     "precision": prec,
                     "format": form,
                     **truth,
-                    "arch": json.dumps(e["model"]) if form == "safetensors" else None,
+                    "arch": (e["model"] if isinstance(e["model"], str) else json.dumps(e["model"]))
+                    if form == "safetensors"
+                    else None,
                 }
             )
         print(f"{slug}: {', '.join(e['files'])} ({time.perf_counter() - t0:.0f} s)", flush=True)

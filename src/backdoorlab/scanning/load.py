@@ -230,7 +230,7 @@ def _arch_spec(arch: str | dict | None, path: Path) -> dict[str, Any]:
 
     check(arch is not None, f"{path}: a state dict holds weights only; name its architecture with --arch "
                             f"({', '.join(MODELS.names())})")
-    if isinstance(arch, str) and arch.strip().startswith("{"):
+    if isinstance(arch, str) and arch.strip()[:1] in ("{", '"', "'"):  # a spec, or a quoted name
         import yaml
 
         try:
