@@ -277,25 +277,32 @@ def scan(args: argparse.Namespace) -> None:
 
 def summarise(manifest: list[dict[str, Any]], done: dict[str, Any], args: argparse.Namespace) -> None:
     rows = [(m, done[m["file"]]) for m in manifest if m["file"] in done]
-    # per-scanner calibration at the 95th percentile of the clean files' scores
+    # Per-scanner calibration: the paper's threshold, raised to the 95th percentile of the clean
+    # files' scores where clean models cross it (calibration only makes a rule stricter: a
+    # threshold below the paper's, fitted on a few clean files, would flag what the paper would
+    # not). Its false-positive rate is leave-one-out: each clean file against the threshold the
+    # other clean files set.
     scanners = sorted({o["name"] for _, d in rows for o in d["report"]["scanners"] if o.get("score") is not None})
     cal: dict[str, Any] = {}
+
+    def paper(name: str) -> float | None:
+        ts = [o["threshold"] for _, d in rows for o in d["report"]["scanners"]
+              if o["name"] == name and o.get("threshold") is not None and not o.get("calibrated")]
+        return statistics.median(ts) if ts else None
+
+    def q95(vals: list[float]) -> float:
+        return sorted(vals)[min(len(vals) - 1, int(0.95 * len(vals)))]
+
     for name in scanners:
-        neg = [
-            o["score"]
-            for m, d in rows
-            if m["clean"]
-            for o in d["report"]["scanners"]
-            if o["name"] == name and o.get("score") is not None
-        ]
-        if len(neg) < 5:
+        neg = [o["score"] for m, d in rows if m["clean"] for o in d["report"]["scanners"]
+               if o["name"] == name and o.get("score") is not None]
+        base = paper(name)
+        if len(neg) < 5 or base is None:
             continue
-        q = sorted(neg)[min(len(neg) - 1, int(0.95 * len(neg)))]
-        loo = [
-            neg[i] >= sorted(neg[:i] + neg[i + 1 :])[min(len(neg) - 2, int(0.95 * (len(neg) - 1)))]
-            for i in range(len(neg))
-        ]
-        cal[name] = {"threshold": q, "fpr": sum(loo) / len(loo), "n_clean": len(neg)}
+        thr = max(base, q95(neg))
+        loo = [neg[i] >= max(base, q95(neg[:i] + neg[i + 1:])) for i in range(len(neg))]
+        cal[name] = {"threshold": thr, "paper_threshold": base, "fpr": sum(loo) / len(loo), "n_clean": len(neg),
+                     "raised": thr > base}
     groups: dict[str, list] = {"all": rows}
     for m, d in rows:
         groups.setdefault(f"precision={m['precision']}", []).append((m, d))
