@@ -222,12 +222,20 @@ def _tpr_at(pos: list[float], neg: list[float], fpr: float) -> float:
     return sum(p > thr for p in pos) / len(pos)
 
 
+# thresholds of scanners whose reports (before the scanner stated it) carry none: K-Arm's verdict is score > 1
+DEFAULT_THRESHOLD = {"k-arm": 1.0}
+
+
+def _threshold(o: dict[str, Any]) -> float | None:
+    return o.get("threshold") if o.get("threshold") is not None else DEFAULT_THRESHOLD.get(o["name"])
+
+
 def _score(rep: dict[str, Any]) -> float:
     """The scan's continuous score: the highest scanner score relative to its threshold."""
     best = -float("inf")
     for o in rep["scanners"]:
-        if o.get("score") is not None and o.get("threshold"):
-            best = max(best, o["score"] / o["threshold"])
+        if o.get("score") is not None and _threshold(o):
+            best = max(best, o["score"] / _threshold(o))
     return best
 
 
@@ -286,8 +294,8 @@ def summarise(manifest: list[dict[str, Any]], done: dict[str, Any], args: argpar
     cal: dict[str, Any] = {}
 
     def paper(name: str) -> float | None:
-        ts = [o["threshold"] for _, d in rows for o in d["report"]["scanners"]
-              if o["name"] == name and o.get("threshold") is not None and not o.get("calibrated")]
+        ts = [_threshold(o) for _, d in rows for o in d["report"]["scanners"]
+              if o["name"] == name and _threshold(o) is not None and not o.get("calibrated")]
         return statistics.median(ts) if ts else None
 
     def q95(vals: list[float]) -> float:

@@ -562,7 +562,7 @@ class KArm(Scanner):
         mask = torch.stack([m for m, _ in trig]) if trig else torch.zeros(0, 1, h, w)
         pattern = torch.stack([p for _, p in trig]) if trig else torch.zeros(0, c, h, w)
         metrics = {
-            "verdict": verdict, "target": target, "victims": victims, "trigger_type": kind,
+            "verdict": verdict, "threshold": 1.0, "target": target, "victims": victims, "trigger_type": kind,
             "best_mask_l1": arms[best].best_reg if reached else None,
             "arm_labels": [a.target for a in arms],
             "arms": [{"target": a.target, "victim": a.victim,
