@@ -112,7 +112,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(report.to_json())
     else:
         targets = ", ".join(map(str, report.targets)) or "none"
-        fpr = f", false-positive rate {report.fpr:.2f} on clean models" if report.fpr is not None else ""
+        fpr = f", false-positive rate {report.fpr:.2f} on {report.fpr_models or ''} clean models".replace("  ", " ") \
+            if report.fpr is not None else ""
         score = "" if report.score is None else f" (score {report.score:.3g} vs threshold " \
             f"{report.threshold if report.threshold is None else format(report.threshold, '.3g')}{fpr})"
         print(f"{report.verdict}{score}; suspected target: {targets}"

@@ -41,7 +41,8 @@ def _num(v: float | None) -> str:
 
 def _row(o) -> str:
     e = html.escape
-    source = f"calibrated, FPR {o.fpr:.2f}" if o.calibrated and o.fpr is not None else "paper rule"
+    source = f"calibrated, FPR {o.fpr:.2f} on {o.fpr_models} clean models" if o.calibrated and o.fpr is not None \
+        else "paper rule"
     cells = [o.name, _num(o.score), _num(o.threshold), source, ", ".join(map(str, o.flagged)),
              "yes" if o.over else "no", o.ran_on, f"{o.seconds:.1f}", o.error or ""]
     return "<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>"

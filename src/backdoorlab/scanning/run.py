@@ -101,6 +101,7 @@ class ScannerOutcome:
     ran_on: str = ""
     seconds: float = 0.0
     error: str | None = None
+    fpr_models: int | None = None  # clean models the false-positive rate was measured on
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,6 +123,7 @@ class ScanReport:
     score: float | None
     threshold: float | None
     fpr: float | None
+    fpr_models: int | None
     targets: list[int]
     victims: list[int]
     natural: list[dict[str, Any]]
@@ -253,6 +255,7 @@ def _run_scanner(plan: ScannerPlan, lm: LoadedModel, clean: TensorData, num_clas
     c = cal.get(budget, {}).get(plan.name)
     if c and out.score is not None:
         out.threshold, out.calibrated, out.fpr = float(c["threshold"]), True, float(c["fpr"])
+        out.fpr_models = int(c.get("n_clean", 0)) or None
         out.over = out.score >= out.threshold
     else:
         out.threshold = m.get("threshold", getattr(scanner, "anomaly_threshold", None))
@@ -380,7 +383,8 @@ def _decide(lm: LoadedModel, outcomes: list[ScannerOutcome], results: dict[str, 
              "gradient_path": lm.gradient_path, "notes": lm.notes, "clean_images": len(clean),
              **{k: v for k, v in lm.info.items() if k != "onnx_ops"}}
     return ScanReport(verdict=verdict, score=lead.score if lead else None, threshold=lead.threshold if lead else None,
-                      fpr=lead.fpr if lead else None, targets=targets, victims=victims, natural=natural, rule=rule,
+                      fpr=lead.fpr if lead else None, fpr_models=lead.fpr_models if lead else None,
+                      targets=targets, victims=victims, natural=natural, rule=rule,
                       scanners=outcomes, model=model, budget=budget, seconds=seconds, images=images)
 
 
