@@ -179,3 +179,21 @@ def bn_model(arch, num_classes=10):
                 m.running_var.uniform_(0.5, 2.0)
                 m.bias.uniform_(-0.1, 0.3)
     return model
+
+
+def defense_ctx(t, clf, seed=0):
+    """A :class:`~backdoorlab.defenses.base.DefenseContext` for a :class:`Trained` model deployed as
+    ``clf``: the defender's holdout, the training set as received, the FP32 model."""
+    import torch
+
+    from backdoorlab.defenses.base import DefenseContext
+
+    return DefenseContext(clf=clf, clean=t.poisoned.holdout, num_classes=t.bundle.info.num_classes,
+                          generator=torch.Generator().manual_seed(seed), train=t.poisoned.split.data, model=t.model)
+
+
+def deploy_trained(t, precision):
+    """A :class:`Trained` model compressed to ``precision``, calibrated on the defender's holdout."""
+    from backdoorlab.compress import compress
+
+    return compress(precision, t.model, calib=t.poisoned.holdout, device="cpu")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import defense_ctx, deploy_trained
 
-from backdoorlab.defenses import DEFENSES, DefenseContext
+from backdoorlab.defenses import DEFENSES
 from backdoorlab.defenses.detectors import ScaleUp
 from backdoorlab.defenses.evaluate import Truth, run_defense
 from backdoorlab.errors import BackdoorLabError
@@ -37,15 +38,7 @@ def clean_model():
     return trained_gtsrb("none")
 
 
-def _ctx(t, clf, seed=0):
-    return DefenseContext(clf=clf, clean=t.poisoned.holdout, num_classes=t.bundle.info.num_classes,
-                          generator=torch.Generator().manual_seed(seed), train=t.poisoned.split.data, model=t.model)
-
-
-def _deploy(t, precision):
-    from backdoorlab.compress import compress
-
-    return compress(precision, t.model, calib=t.poisoned.holdout, device="cpu")
+_ctx, _deploy = defense_ctx, deploy_trained
 
 
 # measured on these 300 + 300 inputs (AUROC, FRR, FAR at the default fixed threshold T = 0.5)

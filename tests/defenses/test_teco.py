@@ -16,6 +16,7 @@ import colorsys
 import numpy as np
 import pytest
 import torch
+from _helpers import defense_ctx, deploy_trained
 
 from backdoorlab.classifier import Classifier
 from backdoorlab.defenses import DEFENSES, DefenseContext
@@ -42,15 +43,7 @@ def clean_model():
     return trained_gtsrb("none")
 
 
-def _ctx(t, clf, seed=0):
-    return DefenseContext(clf=clf, clean=t.poisoned.holdout, num_classes=t.bundle.info.num_classes,
-                          generator=torch.Generator().manual_seed(seed), train=t.poisoned.split.data, model=t.model)
-
-
-def _deploy(t, precision):
-    from backdoorlab.compress import compress
-
-    return compress(precision, t.model, calib=t.poisoned.holdout, device="cpu")
+_ctx, _deploy = defense_ctx, deploy_trained
 
 
 def _images(n=8, c=3, size=32, seed=0):

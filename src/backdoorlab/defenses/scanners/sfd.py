@@ -410,6 +410,17 @@ def _upstream(k_arm: dict[str, Any] | None, who: str) -> KArm:
         raise BackdoorLabError(f"{who}: k_arm: {exc}") from None
 
 
+def _check_mask_settings(who: str, epochs: Any, batch_size: Any, lr: Any, weight: Any, beta: Any,
+                         gamma: Any) -> None:
+    """The mask optimisation's and the decision's settings, one line naming a bad one."""
+    for key, val in (("epochs", epochs), ("batch_size", batch_size)):
+        check_int(who, key, val, 1)
+    for key, val in (("lr", lr), ("weight", weight)):
+        check_number(who, key, val, 0, lo_open=True)
+    for key, val in (("beta", beta), ("gamma", gamma)):
+        check_number(who, key, val, 0, 1, hi_open=False)
+
+
 def symmetric_feature_differencing(
         clf: Classifier, x: torch.Tensor, y: torch.Tensor, target: int, victim: int,
         trigger: tuple[torch.Tensor, torch.Tensor] | Callable[[torch.Tensor], torch.Tensor] | None = None, *,
@@ -441,12 +452,7 @@ def symmetric_feature_differencing(
     t0 = time.perf_counter()
     who = "sfd"
     check(target != victim, f"{who}: target and victim must differ, got {target} twice")
-    for key, val in (("epochs", epochs), ("batch_size", batch_size)):
-        check_int(who, key, val, 1)
-    for key, val in (("lr", lr), ("weight", weight)):
-        check_number(who, key, val, 0, lo_open=True)
-    for key, val in (("beta", beta), ("gamma", gamma)):
-        check_number(who, key, val, 0, 1, hi_open=False)
+    _check_mask_settings(who, epochs, batch_size, lr, weight, beta, gamma)
     clf.require(Capability.GRAD, who=who)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     x, y = x.float(), y.long().cpu()
@@ -524,12 +530,7 @@ class SFD(Scanner):
         who = "sfd"
         check(layer == "penultimate" or re.fullmatch(r"body\.\d+", layer) is not None,
               f"{who}: layer must be 'penultimate' or 'body.<i>', got {layer!r}")
-        for key, val in (("epochs", epochs), ("batch_size", batch_size)):
-            check_int(who, key, val, 1)
-        for key, val in (("lr", lr), ("weight", weight)):
-            check_number(who, key, val, 0, lo_open=True)
-        for key, val in (("beta", beta), ("gamma", gamma)):
-            check_number(who, key, val, 0, 1, hi_open=False)
+        _check_mask_settings(who, epochs, batch_size, lr, weight, beta, gamma)
         self.karm = _upstream(k_arm, who)
         self.k_arm = dict(k_arm or {})
         self.epochs, self.lr, self.batch_size, self.weight = epochs, float(lr), batch_size, float(weight)
