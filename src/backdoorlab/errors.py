@@ -19,3 +19,22 @@ def check(condition: bool, message: str) -> None:
     """Raise :class:`BackdoorLabError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise BackdoorLabError(message)
+
+
+def require_extra(module: str, extra: str, who: str):
+    """Import and return optional dependency ``module``; if it is missing, raise one
+    :class:`BackdoorLabError` line naming the extra that provides it, e.g.
+    ``int8-openvino needs openvino: pip install 'backdoorlab[openvino]'``.
+
+    Only a missing module becomes the user error; an import that fails inside the package (a
+    broken install) keeps its traceback.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise
+        raise BackdoorLabError(f"{who} needs {module.split('.')[0]}, which is not installed: "
+                               f"pip install 'backdoorlab[{extra}]'") from None
