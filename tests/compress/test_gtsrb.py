@@ -15,13 +15,13 @@ pytestmark = pytest.mark.data
 
 
 ONEDNN = {"name": "int8-torch", "backend": "onednn"}  # oneDNN kernels, x86 qconfig
-INT8 = ("int8-torch", "int8-torch/onednn", "int8-ort")
+INT8 = ("int8-torch", "int8-torch/onednn", "int8-ort", "int8-ort-qop")
 
 
 @pytest.fixture(scope="module")
 def deployed(gtsrb):
     out = {s: compress(s, gtsrb.model, calib=gtsrb.poisoned.holdout, device="auto")
-           for s in ("fp32", "int8-torch", "int8-ort", "fp32-ort")}
+           for s in ("fp32", "int8-torch", "int8-ort", "int8-ort-qop", "fp32-ort")}
     out["int8-torch/onednn"] = compress(ONEDNN, gtsrb.model, calib=gtsrb.poisoned.holdout, device="auto")
     return out
 
@@ -75,6 +75,20 @@ def test_int8_ort_graph_is_qdq_with_per_channel_weights(deployed):
     conv_scales = [dq_scale[n.input[1]] for n in g.node if n.op_type == "Conv"]
     assert len(conv_scales) == 6 and all(s is not None and s.size > 1 for s in conv_scales)  # per channel
     assert clf.int8_layers == "conv:6/6, linear:1/1"
+
+
+@pytest.mark.parametrize("name", ["int8-ort", "int8-ort-qop"])
+def test_ort_session_runs_qlinear_kernels(deployed, name):
+    """QDQ is fused into QLinearConv / QGemm when the session is created (checked, not assumed);
+    the QOperator file holds those nodes already. No float Conv / Gemm is left to run."""
+    clf = deployed[name]
+    stored = clf.op_types()
+    assert ("QLinearConv" in stored) == (name == "int8-ort-qop") and ("Conv" in stored) == (name == "int8-ort")
+    ran = clf.session_op_types()
+    assert ran.count("QLinearConv") == 6 and ran.count("QGemm") == 1, ran
+    assert not {"Conv", "Gemm", "MatMul"} & set(ran), ran
+    assert clf.int8_layers == "conv:6/6, linear:1/1"
+    assert clf.info["runtime"] == "onnxruntime" and clf.info["simulated"] is False
 
 
 def test_surrogates_agree_with_their_artifacts(gtsrb, deployed):

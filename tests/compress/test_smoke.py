@@ -9,7 +9,8 @@ import torch
 from backdoorlab.classifier import Capability, agreement
 from backdoorlab.compress import COMPRESSIONS, compress
 
-NO_GRAD = {"int8-dynamic", "int8-torch", "int8-ort", "fp32-ort"}
+NO_GRAD = {"int8-dynamic", "int8-torch", "int8-ort", "int8-ort-qop", "int8-openvino", "fp32-ort"}
+SIMULATED = {"int4-w", "w4a8"}
 
 
 @pytest.mark.parametrize("name", COMPRESSIONS.names())
@@ -22,9 +23,11 @@ def test_compression_smoke(tiny, name):
     assert clf.size_bytes > 0
     assert clf.latency_ms(batch_size=2, repeats=1, warmup=0) > 0
     assert clf.input_shape == (3, 16, 16)
+    assert clf.info["runtime"] and clf.info["runtime_version"]  # which runtime ran it, stored with the row
+    assert clf.info["simulated"] is (name in SIMULATED)
     if Capability.FEATURES in clf.capabilities:
         assert clf.features(tiny.x[:4]).shape[0] == 4
-    if name in NO_GRAD:
+    if name in NO_GRAD or Capability.GRAD not in clf.capabilities:  # every runtime artifact needs one
         assert Capability.GRAD not in clf.capabilities
         sur = clf.surrogate
         assert sur is not None and Capability.GRAD in sur.capabilities

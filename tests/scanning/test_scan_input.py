@@ -75,18 +75,22 @@ def test_formats_load_to_the_same_logits(model, files):
         assert torch.allclose(lm.clf.logits(x), ref, atol=1e-5)
 
 
-def test_int8_onnx_is_scanned_as_deployed(model, files):
-    from backdoorlab.compress.ort import OrtInt8Config, quantize_ort
+@pytest.mark.parametrize("form", ["qdq", "qop"])
+def test_int8_onnx_is_scanned_as_deployed(model, files, form):
+    from backdoorlab.compress.ort import OrtInt8Config, OrtQOpConfig, quantize_ort
     from backdoorlab.scanning import load_model
 
     x = torch.rand(64, C, H, W)
-    q = quantize_ort((files / "m.onnx").read_bytes(), x, OrtInt8Config())
-    p = files / "q.onnx"
+    q = quantize_ort((files / "m.onnx").read_bytes(), x, OrtQOpConfig() if form == "qop" else OrtInt8Config())
+    p = files / f"q-{form}.onnx"
     p.write_bytes(q)
     lm = load_model(p)
-    assert lm.precision == "int8-qdq" and lm.gradient_path == "surrogate"
+    assert lm.precision == f"int8-{form}" and lm.gradient_path == "surrogate", lm.notes
     chk = lm.check_surrogate(x)
     assert chk["agreement"] >= 0.9, chk  # fake-quant at the file's own scales reproduces ORT's int8 kernels
+    xg = x[:4].clone().requires_grad_(True)
+    lm.clf.surrogate.logits(xg).sum().backward()
+    assert float(xg.grad.abs().sum()) > 0
 
 
 def test_unknown_format(capsys, tmp_path):

@@ -123,6 +123,7 @@ class Pipeline:
         self._poisoned: dict[str, Poisoned] = {}
         self._assets: dict[str, dict[str, Any]] = {}
         self._sources: dict[str, tuple[tuple[str, str], ...]] = {}
+        self.trained: list[str] = []  # the train keys this pipeline really trained (not loaded), in order
 
     # -------------------------------------------------------------- stages
     def data(self, cfg: DatasetConfig) -> DataBundle:
@@ -194,6 +195,15 @@ class Pipeline:
         elif (phase := attack.train_config(cell.train)) != cell.train:  # own recipe from scratch
             cfg["phase"] = to_dict(phase)
         return cfg
+
+    def train_key(self, cell: Cell) -> str:
+        """The key of ``cell``'s trained model, as :meth:`train` computes it, without poisoning or
+        training anything: every compression x defense cell of one model shares it."""
+        if not cell.sources:
+            cell = self.bind([cell])[0]
+        attack = ATTACKS.build(cell.attack, info=self.data(cell.dataset).info)
+        poison_key = ArtifactCache.key("poison", self._poison_cfg(cell))
+        return ArtifactCache.key("train", self._train_cfg(cell, attack), poison_key)
 
     def attack(self, cell: Cell) -> Attack:
         """The cell's attack, built once per cell and given the assets it declares
@@ -327,6 +337,7 @@ class Pipeline:
                 if state:  # only then, so artifacts of attacks that learn nothing keep their bytes
                     rec["attack_state"] = state
                 self.cache.put("train", key, rec)
+                self.trained.append(key)
         model.eval()
         self._models = {key: (model, meta, state)}  # keep the latest model only
         return model, meta
@@ -367,9 +378,12 @@ class Pipeline:
         metrics.update(n_train=len(poisoned.split.data), n_poison=int(poisoned.split.poison_idx.numel()),
                        n_holdout=len(poisoned.holdout), n_test=len(bundle.test),
                        train_wall=meta["train_wall"], precision=clf.precision, size_bytes=clf.size_bytes,
-                       int8_layers=clf.int8_layers,
-                       latency_ms_b1=clf.latency_ms(batch_size=1, repeats=5, warmup=1,
-                                                    x=bundle.test.subset(torch.arange(1)).float()))
+                       int8_layers=clf.int8_layers, runtime=clf.info.get("runtime"),
+                       runtime_version=clf.info.get("runtime_version"), simulated=bool(clf.info.get("simulated")))
+        # a simulated artifact (int4 fake-quant) has no kernel of its own: its latency is not reported
+        if not metrics["simulated"]:
+            metrics["latency_ms_b1"] = clf.latency_ms(batch_size=1, repeats=5, warmup=1,
+                                                      x=bundle.test.subset(torch.arange(1)).float())
         if attack.assets():
             metrics["prep_wall"] = self.prep_wall(cell, attack)
         if clf.surrogate is not None:
@@ -476,10 +490,52 @@ class _Heartbeat:
         self._thread.join()
 
 
+def execute_cell(pipe: Pipeline, cell: Cell) -> dict[str, Any]:
+    """Run ``cell`` and return its row's fields (``status``, ``metrics``, ``artifacts``, ``error``,
+    ``wall_time``, ``finished_at``), with the executors' one error semantics: a method's failure
+    (:class:`BackdoorLabError`, ``RuntimeError``, ``ValueError``, ``MemoryError``) is an ``error``
+    row, with its traceback in the metrics unless it is a user error; any other exception (a
+    programming error) propagates."""
+    out: dict[str, Any] = {"status": "ok", "metrics": {}, "artifacts": {}, "error": None}
+    t0 = time.perf_counter()
+    try:
+        res = pipe.run_cell(cell)
+        out["metrics"], out["artifacts"] = res["metrics"], res["artifacts"]
+    except (BackdoorLabError, RuntimeError, ValueError, MemoryError) as exc:
+        out["status"], out["error"] = "error", f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, BackdoorLabError):
+            out["metrics"] = {"traceback": traceback.format_exc(limit=5)}
+    out["wall_time"] = time.perf_counter() - t0
+    out["finished_at"] = now()
+    return out
+
+
+def new_row(study: str, cell: Cell, vers: dict[str, str]) -> Row:
+    """``cell``'s row, not run yet (status ``running``)."""
+    lab = cell.labels
+    return Row(cell.run_id, study, lab["dataset"], lab["model"], lab["attack"], lab["compression"],
+               lab["defense"], cell.seed, cell.config, status="running", versions=vers, started_at=now())
+
+
+def cell_line(i: int, n: int, cell: Cell, row: Row, written: bool, note: str = "") -> str:
+    """The log line of a finished cell: ``[i/n] <labels> seed=<s>: <summary or error> (<wall> s)``."""
+    lab = cell.labels
+    result = _summary(row.metrics) if row.status == "ok" else str(row.error)
+    if not written:
+        result += " (not stored: another process had finished this cell)"
+    return (f"[{i}/{n}] {lab['dataset']} {lab['model']} {lab['attack']} {lab['compression']} "
+            f"{lab['defense']} seed={cell.seed}: {result} ({row.wall_time or 0:.1f} s{note})")
+
+
+EXECUTORS = ("local", "ray")
+
+
 def run_study(study: Study, store: ResultStore, *, cache: ArtifactCache | None = None,
               data_dir: str | None = None, device: str | None = None, progress: bool | None = None,
               log: Callable[[str], None] | None = None, retry_errors: bool = True,
-              cells: list[Cell] | None = None) -> list[Row]:
+              cells: list[Cell] | None = None, executor: str = "local", address: str | None = None,
+              cpus_per_cell: int | None = None, gpus_per_cell: float | None = None,
+              max_retries: int | None = None) -> list[Row]:
     """Run every cell of ``study`` (or the given subset ``cells``) that ``store`` does not already
     hold as ``ok``; returns the rows this process ran.
 
@@ -488,36 +544,50 @@ def run_study(study: Study, store: ResultStore, *, cache: ArtifactCache | None =
     heartbeat refreshed every ``HEARTBEAT_S`` seconds) before running it and skips the cells
     others hold; once through its list, it waits for the cells live processes hold, taking over
     those whose holder died, until every cell has finished (``ok`` or ``error``). A finished
-    ``ok`` row is never rewritten, and each model is trained once (see :meth:`Pipeline.train`)."""
+    ``ok`` row is never rewritten, and each model is trained once (see :meth:`Pipeline.train`).
+
+    ``executor="ray"`` runs the cells as tasks on the Ray cluster at ``address`` (``None``:
+    ``$RAY_ADDRESS``, else a local one), this process being the store's one writer; see
+    :mod:`backdoorlab.bench.ray_executor`. ``cpus_per_cell``, ``gpus_per_cell`` and
+    ``max_retries`` override the study's ``ray:`` setting (:class:`~.ray_executor.RayOptions`)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    check(executor in EXECUTORS, f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    ray_opts = {"cpus_per_cell": cpus_per_cell, "gpus_per_cell": gpus_per_cell, "max_retries": max_retries}
+    if executor == "ray":
+        from .ray_executor import _import_ray
+
+        _import_ray()  # the extra is missing: one line, before anything is done
+        options = study.ray.replace(**ray_opts)
+    else:
+        given = [k for k, v in {"address": address, **ray_opts}.items() if v is not None]
+        check(not given, f"{', '.join(given)} apply to executor 'ray' only (this run's executor is {executor!r})")
     owner, since = new_owner(), now()  # rows finished from now on by others are not rerun
-    pipe = Pipeline(cache, data_dir, device or study.device, progress, log)
+    # the Ray driver only binds and checks data: its cells resolve their device on the workers
+    pipe = Pipeline(cache, data_dir, "cpu" if executor == "ray" else device or study.device, progress, log)
     # run ids hold the content fingerprints of the files each cell reads: a changed file is new work
     cells = pipe.bind(study.cells() if cells is None else cells)
     done = store.status(c.run_id for c in cells)
     todo = [c for c in cells if done.get(c.run_id) != "ok" and (retry_errors or c.run_id not in done)]
     pipe.prepare(todo)  # every dataset decoded and checked before the first row is written
     log(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    if executor == "ray":
+        from .ray_executor import run_ray
+
+        if not todo:
+            return []
+        return run_ray(study, store, pipe, todo, owner=owner, since=since, log=log, address=address,
+                       options=options, device=str(device or study.device))
     rows: list[Row] = []
     vers = versions()
 
     def run(i: int, cell: Cell) -> None:  # the lease on ``cell`` is held
-        lab = cell.labels
-        row = Row(cell.run_id, study.name, lab["dataset"], lab["model"], lab["attack"], lab["compression"],
-                  lab["defense"], cell.seed, cell.config, status="running", versions=vers, started_at=now())
+        row = new_row(study.name, cell, vers)
         finished = False
         try:
             store.put(row)  # never replaces an ok row
-            t0 = time.perf_counter()
-            try:
-                out = pipe.run_cell(cell)
-                row.metrics, row.artifacts, row.status = out["metrics"], out["artifacts"], "ok"
-            except (BackdoorLabError, RuntimeError, ValueError, MemoryError) as exc:
-                row.status, row.error = "error", f"{type(exc).__name__}: {exc}"
-                if not isinstance(exc, BackdoorLabError):
-                    row.metrics = {"traceback": traceback.format_exc(limit=5)}
-            row.wall_time = time.perf_counter() - t0
-            row.finished_at = now()
+            out = execute_cell(pipe, cell)
+            for f in ("status", "metrics", "artifacts", "error", "wall_time", "finished_at"):
+                setattr(row, f, out[f])
             written = store.finish(row, owner)
             finished = True
         finally:
@@ -525,12 +595,7 @@ def run_study(study: Study, store: ResultStore, *, cache: ArtifactCache | None =
                 with contextlib.suppress(sqlite3.Error, BackdoorLabError, OSError):
                     store.release(cell.run_id, owner)
         rows.append(row)
-        m = row.metrics
-        result = _summary(m) if row.status == "ok" else row.error
-        if not written:
-            result += " (not stored: another process had finished this cell)"
-        log(f"[{i}/{len(todo)}] {lab['dataset']} {lab['model']} {lab['attack']} {lab['compression']} "
-            f"{lab['defense']} seed={cell.seed}: {result} ({row.wall_time:.1f} s)")
+        log(cell_line(i, len(todo), cell, row, written))
 
     with _Heartbeat(store, owner):
         held: dict[str, tuple[int, Cell]] = {}  # cells another process held when we came to them

@@ -9,6 +9,8 @@ Registered (``COMPRESSIONS.names()``):
 ``int8-dynamic``              ``quantize_dynamic``: Linear in int8, convs FP32 (:mod:`.dynamic`)
 ``int8-torch``                FX static PTQ, x86/fbgemm int8 kernels (:mod:`.torch_int8`)
 ``fp32-ort``, ``int8-ort``    ONNX Runtime FP32 / ``quantize_static`` QDQ int8 (:mod:`.ort`)
+``int8-ort-qop``              the same int8 model in ONNX Runtime's QOperator form (:mod:`.ort`)
+``int8-openvino``             NNCF PTQ run by OpenVINO's CPU plugin (:mod:`.openvino_rt`)
 ``int4-w``, ``w4a8``          INT4 weights (+ 8-bit activations), fake-quant (:mod:`.lowbit`)
 ``prune-l1[-30|-50|-70]``     unstructured magnitude pruning (:mod:`.prune`)
 ``prune-channel[-30|-50|-70]`` L1 filter pruning (:mod:`.prune`)
@@ -39,7 +41,7 @@ COMPRESSIONS = CompressionRegistry()
 
 
 def _register() -> None:
-    from . import dynamic, half, lowbit, ort, prune, torch_int8
+    from . import dynamic, half, lowbit, openvino_rt, ort, prune, torch_int8
 
     add = COMPRESSIONS.add
     add("fp32", half.FP32Config, half.fp32)
@@ -49,6 +51,8 @@ def _register() -> None:
     add("int8-torch", torch_int8.TorchInt8Config, torch_int8.int8_torch)
     add("fp32-ort", ort.OrtFP32Config, ort.fp32_ort)
     add("int8-ort", ort.OrtInt8Config, ort.int8_ort)
+    add("int8-ort-qop", ort.OrtQOpConfig, ort.int8_ort)
+    add("int8-openvino", openvino_rt.OpenVinoInt8Config, openvino_rt.int8_openvino)
     add("int4-w", lowbit.Int4WeightConfig, lowbit.int4_w)
     add("w4a8", lowbit.W4A8Config, lowbit.w4a8)
     add("prune-l1", prune.PruneL1Config, prune.prune_l1)
@@ -98,6 +102,11 @@ def compress(spec: Any, model: nn.Module, *, calib: TensorData | None = None,
         clf.input_shape = input_shape(calib)
     if not clf.int8_layers:  # say "none" explicitly: conv:0/N, linear:0/M
         clf.int8_layers = describe_int8({}, count_layers(model))
+    # every artifact says which runtime ran it, which version, and whether it was simulated
+    info = getattr(clf, "info", None) or {}
+    clf.info = {"runtime": "torch", "runtime_version": torch.__version__, "simulated": False, **info}
+    if any(s.get("simulated") for s in clf.info.get("steps", [])):
+        clf.info["simulated"] = True
     return clf
 
 

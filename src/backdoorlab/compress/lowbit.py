@@ -9,6 +9,13 @@
 * ``w4a8``: the same weights plus 8-bit asymmetric per-tensor activations at the input of every
   conv and linear, with MinMax ranges calibrated on ``calib_size`` clean images.
 
+**Simulated, and the rows say so** (``info["simulated"] = True``, a column of its own in the
+store; no latency is reported for them): no CPU runtime here provides int4 *convolution*
+kernels. The int4 kernels that exist on CPU are for matrix products only (torchao's
+``Int4WeightOnlyConfig`` with its CPU layout, ONNX Runtime's ``MatMulNBits``, NNCF's
+``compress_weights`` INT4 modes for OpenVINO), written for language models; a CNN would run only
+its last Linear in int4.
+
 Both run as float PyTorch modules (weights hold the quantise-dequantise values, at most
 ``2^bits`` levels per channel or group), so they keep GRAD and FEATURES and need no surrogate.
 ``size_bytes`` is the size the artifact would have with packed ``bits``-bit weights plus one
@@ -122,7 +129,8 @@ def lowbit_classifier(cfg: Int4WeightConfig | W4A8Config, sim: nn.Module, total:
     clf.int8_layers = describe_int8({}, total)
     granularity = "per-channel" if cfg.group_size is None else f"group {cfg.group_size}"
     clf.info = {"weights": f"int{cfg.bits} symmetric {granularity}: {describe_int8(total, total)}",
-                "activations": "uint8 per-tensor (MinMax)" if act else "fp32", "size": "packed estimate"}
+                "activations": "uint8 per-tensor (MinMax)" if act else "fp32", "size": "packed estimate",
+                "runtime": "torch", "runtime_version": torch.__version__, "simulated": True}
     return clf
 
 

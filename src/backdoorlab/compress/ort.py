@@ -78,10 +78,19 @@ class OrtInt8Config(CalibratedConfig):
     def validate(self) -> None:
         super().validate()
         _check_common(self)
-        check(self.calibration in CALIBRATIONS, f"int8-ort: calibration must be one of {', '.join(CALIBRATIONS)}, "
+        check(self.calibration in CALIBRATIONS, f"{self.name}: calibration must be one of {', '.join(CALIBRATIONS)}, "
                                                 f"got {self.calibration!r}")
         check(isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100,
-              f"int8-ort: percentile must be in (0, 100], got {self.percentile!r}")
+              f"{self.name}: percentile must be in (0, 100], got {self.percentile!r}")
+
+
+@dataclass(frozen=True)
+class OrtQOpConfig(OrtInt8Config):
+    """``int8-ort-qop``: the same quantization as ``int8-ort`` (same parameters and defaults),
+    written in ONNX Runtime's **QOperator** form (``QLinearConv``, ``QGemm`` nodes in the file)
+    instead of QDQ."""
+
+    name = "int8-ort-qop"
 
 
 def _check_common(cfg: Any) -> None:
@@ -143,6 +152,34 @@ class OrtClassifier(Classifier):
 
         return [n.op_type for n in onnx.load_from_string(self.model_bytes).graph.node]
 
+    def session_model(self) -> bytes:
+        """The graph as ONNX Runtime runs it: the model this classifier's session options optimise
+        (QDQ pairs fused into ``QLinearConv`` / ``QGemm`` at session creation, NCHWc layouts),
+        written out with ``SessionOptions.optimized_model_filepath`` (kernel truth, not assumed)."""
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # "hardware-specific optimisations" warning: expected here
+        so.intra_op_num_threads = 1
+        with tempfile.TemporaryDirectory(prefix="backdoorlab-ort-") as tmp:
+            so.optimized_model_filepath = os.path.join(tmp, "session.onnx")
+            ort.InferenceSession(self.model_bytes, so, providers=["CPUExecutionProvider"])
+            with open(so.optimized_model_filepath, "rb") as fh:
+                return fh.read()
+
+    def session_op_types(self) -> list[str]:
+        """Op types of :meth:`session_model` (what ONNX Runtime's kernels really execute)."""
+        import onnx
+
+        return [n.op_type for n in onnx.load_from_string(self.session_model()).graph.node]
+
+
+def runtime_info() -> dict[str, Any]:
+    """``runtime``, ``runtime_version`` and ``simulated`` of an ONNX Runtime artifact."""
+    import onnxruntime as ort
+
+    return {"runtime": "onnxruntime", "runtime_version": ort.__version__, "simulated": False}
+
 
 # ----------------------------------------------------------------------------- export
 @contextlib.contextmanager
@@ -197,7 +234,7 @@ def check_export(model_bytes: bytes, model: nn.Module, x: torch.Tensor, atol: fl
 # ----------------------------------------------------------------------------- handlers
 def _count_int8(model_bytes: bytes) -> dict[str, int]:
     """Conv / Gemm-MatMul nodes whose weight comes from a DequantizeLinear of an int8 constant
-    (QDQ), or QLinearConv / QGemm nodes (QOperator)."""
+    (QDQ), or QLinearConv / QGemm nodes (QOperator, and QDQ once ORT has fused it)."""
     import onnx
 
     g = onnx.load_from_string(model_bytes).graph
@@ -229,6 +266,7 @@ def fp32_ort(cfg: OrtFP32Config, model: nn.Module, *, calib: TensorData | None, 
         data, shape = _export_checked(model, x, cfg.opset), tuple(x.shape[1:])
     clf = OrtClassifier(data, cfg.tag(), cfg.threads)
     clf.input_shape = shape
+    clf.info = runtime_info()
     clf.int8_layers = describe_int8({}, count_layers(model))
     clf.artifact = {"onnx": torch.frombuffer(bytearray(data), dtype=torch.uint8), "input_shape": list(shape)}
     clf.surrogate = TorchClassifier(copy.deepcopy(model), precision=f"{cfg.tag()}/surrogate", device=device,
@@ -262,7 +300,8 @@ def quantize_ort(fp32_bytes: bytes, x: torch.Tensor, cfg: OrtInt8Config) -> byte
         with open(src, "wb") as fh:
             fh.write(fp32_bytes)
         quant_pre_process(src, pre, skip_symbolic_shape=True)
-        quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+        fmt = QuantFormat.QOperator if isinstance(cfg, OrtQOpConfig) else QuantFormat.QDQ
+        quantize_static(pre, out, Reader(), quant_format=fmt, per_channel=cfg.per_channel,
                         reduce_range=cfg.reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra)
         with open(out, "rb") as fh:
@@ -273,21 +312,24 @@ def int8_ort(cfg: OrtInt8Config, model: nn.Module, *, calib: TensorData | None, 
              artifact: dict | None = None) -> Classifier:
     import onnx
 
-    from .surrogate import onnx_surrogate
+    from .surrogate import onnx_surrogate, qoperator_to_qdq
 
     if artifact is not None:
         data, shape = artifact["onnx"].numpy().tobytes(), tuple(artifact["input_shape"])
     else:
-        x = calibration_images(calib, cfg.calib_size, "int8-ort")
+        x = calibration_images(calib, cfg.calib_size, cfg.name)
         data = quantize_ort(_export_checked(model, x, cfg.opset), x, cfg)
         shape = tuple(x.shape[1:])
     clf = OrtClassifier(data, cfg.tag(), cfg.threads)
     clf.input_shape = shape
-    clf.int8_layers = describe_int8(_count_int8(data), count_layers(model))
+    # kernel truth: int8 layers counted in the graph the session runs, after ORT's QDQ fusion
+    clf.int8_layers = describe_int8(_count_int8(clf.session_model()), count_layers(model))
     clf.artifact = {"onnx": torch.frombuffer(bytearray(data), dtype=torch.uint8), "input_shape": list(shape)}
-    clf.info = {"calibration": cfg.calibration, "calib_size": cfg.calib_size, "per_channel": cfg.per_channel,
-                "reduce_range": cfg.reduce_range}
-    sur = onnx_surrogate(onnx.load_from_string(data))
+    qop = isinstance(cfg, OrtQOpConfig)
+    clf.info = {**runtime_info(), "format": "QOperator" if qop else "QDQ", "calibration": cfg.calibration,
+                "calib_size": cfg.calib_size, "per_channel": cfg.per_channel, "reduce_range": cfg.reduce_range}
+    proto = onnx.load_from_string(data)
+    sur = onnx_surrogate(qoperator_to_qdq(proto) if qop else proto)
     clf.surrogate = TorchClassifier(DualOutput(sur), precision=f"{cfg.tag()}/surrogate", device=device,
                                     capabilities=frozenset({Capability.GRAD, Capability.FEATURES}),
                                     channels_last=False)

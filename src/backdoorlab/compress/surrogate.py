@@ -433,3 +433,121 @@ _ONNX_OPS = {
 def onnx_surrogate(model_proto) -> OnnxQDQModule:
     """Float fake-quant PyTorch module replaying the QDQ ONNX graph ``model_proto``."""
     return OnnxQDQModule(model_proto).eval()
+
+
+# ------------------------------------------------------------------------- QOperator -> QDQ
+# QOperator op -> (float op, positions of (x, scale, zero point) activation inputs, position of the
+# quantized weight triple or None, position of the int32 bias or None, position of (y_scale, y_zp))
+_QOP = {
+    "QLinearConv": ("Conv", [0], 3, 8, 6),
+    "QLinearMatMul": ("MatMul", [0], 3, None, 6),
+    "QGemm": ("Gemm", [0], 3, 6, 7),
+    "QLinearAdd": ("Add", [0, 3], None, None, 6),
+    "QLinearMul": ("Mul", [0, 3], None, None, 6),
+    "QLinearGlobalAveragePool": ("GlobalAveragePool", [0], None, None, 3),
+    "QLinearAveragePool": ("AveragePool", [0], None, None, 3),
+}
+# ops that act on int8 values as they would on the dequantised ones (order-preserving, no arithmetic)
+_QOP_PASS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Relu",
+             "GlobalMaxPool", "ReduceMax"}
+
+
+def qoperator_to_qdq(model_proto):
+    """Rewrite a QOperator ONNX graph (``QLinearConv``, ``QGemm``, ... as ONNX Runtime's
+    ``quantize_static(quant_format=QOperator)`` writes it) into the QDQ form
+    :class:`OnnxQDQModule` replays, with the file's **own** integers, scales and zero points.
+
+    Each ``QLinearX(x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias)`` becomes the float
+    ``X`` on the dequantised input, with weights ``(w - w_zp) * w_scale`` and bias
+    ``bias * x_scale * w_scale`` precomputed as float constants, followed by
+    ``QuantizeLinear(y, y_scale, y_zp)``: the same integer computation as the kernel, up to the
+    kernel's requantisation rounding. Tensors that already hold quantized values (outputs of
+    ``QuantizeLinear`` or of another QLinear op, through max-pool / reshape) are represented by
+    their dequantised floats, so their ``DequantizeLinear`` becomes ``Identity``. An op outside this
+    set is one :class:`~backdoorlab.errors.BackdoorLabError` line.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    src = model_proto.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in src.initializer}
+    new_inits: dict[str, np.ndarray] = dict(inits)
+    nodes = []
+    quantized: set[str] = set()  # tensors holding (dequantised) quantized values
+
+    def dq_const(name: str, scale: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
+        q = inits[name].astype(np.float64)
+        s = scale.astype(np.float64)
+        z = np.zeros_like(s) if zp is None else zp.astype(np.float64)
+        if s.size > 1:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        return ((q - z) * s).astype(np.float32)
+
+    def activation(name: str) -> str:
+        if name in quantized:
+            return name
+        if name in inits:  # a quantized constant operand (e.g. of QLinearAdd) is dequantised below
+            return name
+        raise BackdoorLabError(f"no surrogate for a QOperator input {name!r} that is not a quantized tensor")
+
+    for i, n in enumerate(src.node):
+        op = n.op_type
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if op == "QuantizeLinear":
+            nodes.append(n)
+            quantized.add(n.output[0])
+        elif op == "DequantizeLinear":
+            if n.input[0] in quantized:
+                nodes.append(helper.make_node("Identity", [n.input[0]], list(n.output)))
+            else:
+                nodes.append(n)  # a constant int8 tensor: OnnxQDQModule dequantises it
+        elif op in _QOP:
+            fop, acts, wpos, bpos, ypos = _QOP[op]
+            ins = list(n.input) + [""] * 10
+            fins = []
+            for a in acts:
+                x = ins[a]
+                if x in inits and x not in quantized:  # quantized constant operand
+                    cname = f"{x}__dq{i}"
+                    new_inits[cname] = dq_const(x, inits[ins[a + 1]], inits.get(ins[a + 2]), 0)
+                    fins.append(cname)
+                else:
+                    fins.append(activation(x))
+            if wpos is not None:
+                w, ws, wz = ins[wpos:wpos + 3]
+                axis = 0 if op == "QLinearConv" or (op == "QGemm" and attrs.get("transB", 0)) else 1
+                wname = f"{w}__dq{i}"
+                new_inits[wname] = dq_const(w, inits[ws], inits.get(wz), axis)
+                fins.append(wname)
+                if bpos is not None and ins[bpos]:
+                    xs = inits[ins[acts[0] + 1]].astype(np.float64)
+                    bname = f"{ins[bpos]}__dq{i}"
+                    new_inits[bname] = (inits[ins[bpos]].astype(np.float64) * xs
+                                        * inits[ws].astype(np.float64).reshape(-1)).astype(np.float32)
+                    fins.append(bname)
+            fattrs = {k: v for k, v in attrs.items() if k not in ("channels_last",)}
+            if attrs.get("channels_last", 0):
+                raise BackdoorLabError(f"no surrogate for {op} with channels_last=1")
+            if op == "QGemm" and fattrs.get("alpha", 1.0) != 1.0:
+                raise BackdoorLabError("no surrogate for QGemm with alpha != 1")
+            ys = ins[ypos] if ypos < len(n.input) else ""
+            if ys:  # quantized output
+                tmp = f"{n.output[0]}__float"
+                nodes.append(helper.make_node(fop, fins, [tmp], **fattrs))
+                nodes.append(helper.make_node("QuantizeLinear", [tmp, ys, ins[ypos + 1]], [n.output[0]]))
+                quantized.add(n.output[0])
+            else:  # QGemm without y_scale: float output
+                nodes.append(helper.make_node(fop, fins, [n.output[0]], **fattrs))
+        elif op.startswith("QLinear") or op in ("QGemm", "QAttention", "DynamicQuantizeLinear", "ConvInteger",
+                                                "MatMulInteger"):
+            raise BackdoorLabError(f"no surrogate for QOperator op {op}")
+        else:
+            nodes.append(n)
+            if op in _QOP_PASS and n.input and n.input[0] in quantized:
+                quantized.update(n.output)
+    graph = helper.make_graph(nodes, src.name, list(src.input), list(src.output),
+                              [numpy_helper.from_array(v, k) for k, v in new_inits.items()])
+    return helper.make_model(graph, opset_imports=list(model_proto.opset_import),
+                             ir_version=model_proto.ir_version or onnx.IR_VERSION)

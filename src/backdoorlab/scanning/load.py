@@ -10,7 +10,9 @@ What a scan accepts (issue 28), and how each is read:
   for FP32 it is the same computation, for QDQ INT8 a fake-quant copy at the file's own scales
   and zero points; the replay's logits are compared with ONNX Runtime's on the clean images and the
   difference (FP32) or top-1 agreement (INT8) is reported. A QOperator graph (``QLinearConv`` ...)
-  has no replay: its scan is black-box and says so.
+  is first rewritten into QDQ with the file's own integers and scales
+  (:func:`~backdoorlab.compress.surrogate.qoperator_to_qdq`); an op outside what that rewrite
+  knows leaves a black-box scan, which says so.
   (Why not onnx2torch: it imports torchvision, which has no CPU build beside torch 2.13 here; the
   replay is checked against ONNX Runtime on every scan instead.)
 * **safetensors** (a JSON header and raw tensors, data only) with ``arch`` naming a registered
@@ -314,7 +316,7 @@ def _load_onnx(data: bytes, path: Path) -> LoadedModel:
     from google.protobuf.message import DecodeError
 
     from ..compress.ort import OrtClassifier
-    from ..compress.surrogate import OnnxQDQModule
+    from ..compress.surrogate import OnnxQDQModule, qoperator_to_qdq
 
     try:
         proto = onnx.load_from_string(data)
@@ -341,19 +343,17 @@ def _load_onnx(data: bytes, path: Path) -> LoadedModel:
         clf.input_shape = shape  # type: ignore[assignment]
     out_dims = [d.dim_value for d in g.output[0].type.tensor_type.shape.dim]
     notes: list[str] = []
-    if qop:
-        notes.append("INT8 in QOperator form: no gradient path (no replay of QLinear* ops), black-box scanners only")
-    else:
-        try:
-            replay = _Logits(OnnxQDQModule(proto).eval())
-        except BackdoorLabError as exc:
-            replay = None
-            notes.append(f"no gradient path ({exc}): black-box scanners only")
-        if replay is not None:
-            clf.surrogate = TorchClassifier(replay, precision=f"{precision}-onnx/replay", device="cpu",
-                                            capabilities=frozenset({Capability.GRAD}), channels_last=False)
-            notes.append("gradients from a PyTorch replay of the ONNX graph" +
-                         (" with fake-quant at the file's own scales and zero points" if qdq else ""))
+    try:
+        replay = _Logits(OnnxQDQModule(qoperator_to_qdq(proto) if qop else proto).eval())
+    except BackdoorLabError as exc:
+        replay = None
+        notes.append(f"no gradient path ({exc}): black-box scanners only")
+    if replay is not None:
+        clf.surrogate = TorchClassifier(replay, precision=f"{precision}-onnx/replay", device="cpu",
+                                        capabilities=frozenset({Capability.GRAD}), channels_last=False)
+        notes.append("gradients from a PyTorch replay of the ONNX graph" +
+                     (" (QOperator nodes rewritten as QDQ)" if qop else "") +
+                     (" with fake-quant at the file's own scales and zero points" if qdq or qop else ""))
     num_classes = out_dims[-1] if out_dims and out_dims[-1] > 0 else -1
     opset = max((o.version for o in proto.opset_import), default=0)
     return LoadedModel(path, "onnx", precision, clf, num_classes, shape if all(d > 0 for d in shape) else None,
