@@ -6,6 +6,10 @@ prints a markdown table.
 
 Usage: python benchmarks/bench_compression_backdoors.py [--dataset gtsrb|cifar10] [--model NAME]
        [--lr LR] [--skip-efrap] [--efrap-iters N [N ...]] [--only LABEL ...] [--detect] [--anatomy]
+       [--precisions P [P ...]] [--name NAME]
+       Transfer matrix (issue 29): ``--only none badnets qcb-int8 qcb-int8-ort qcb-int4 pqbackdoor
+       prune-conditioned-50 --skip-efrap --name transfer_matrix --precisions fp32 int8-torch int8-ort
+       int8-ort-qop int8-openvino int8-tflite int8-pt2e int8-executorch int4-w prune-l1-50``
        ``--efrap-iters``: EFRAP's optimisation steps per layer (default 1000; the reference code's
        is 10000); several values repair the same deployment once each, the first goes into
        ``efrap`` and every one into ``efrap_sweep``
@@ -47,6 +51,8 @@ ATTACKS = {
     "badnets": "badnets",
     "qcb-int8": QCB_INT8,
     "qcb-int8-w": QCB_INT8_W,
+    # the int8-torch model's scratch phase, polished for 2 epochs against ONNX Runtime's rounding
+    "qcb-int8-ort": {**QCB_INT8, "target_precision": "int8-ort"},
     "qcb-multi": {**QCB_INT8, "target_precision": "multi"},
     "qcb-int4": QCB_INT4,
     "pqbackdoor": {"name": "pqbackdoor", "epochs": 5, "lr": 0.01},
@@ -56,7 +62,8 @@ ATTACKS = {
 
 
 # the precision each attack targets (detection is run at FP32 and there)
-DEPLOYED = {"badnets": "int8-torch", "qcb-int8": "int8-torch", "qcb-int8-w": "int8-torch", "qcb-multi": "int8-torch",
+DEPLOYED = {"badnets": "int8-torch", "qcb-int8": "int8-torch", "qcb-int8-ort": "int8-ort",
+            "qcb-int8-w": "int8-torch", "qcb-multi": "int8-torch",
             "qcb-int4": "int4-w", "pqbackdoor": "int8-torch", "prune-conditioned-50": "prune-l1-50"}
 # where EFRAP repairs each quantization-conditioned model (its targeted deployment)
 EFRAP_AT = {"qcb-int8": "int8-torch", "qcb-int8-w": "int8-torch", "qcb-int4": "int4-w"}
@@ -133,6 +140,10 @@ def main() -> None:
     ap.add_argument("--efrap-iters", type=int, nargs="+", default=[EFRAP["iters"]],
                     help=f"EFRAP steps per layer (default {EFRAP['iters']}); several values: one repair each")
     ap.add_argument("--only", nargs="*", help="attack labels to run (default: all)")
+    ap.add_argument("--precisions", nargs="+", default=PRECISIONS,
+                    help=f"deployments to measure (default: {' '.join(PRECISIONS)}); the transfer matrix of "
+                         "issue 29 adds every runtime")
+    ap.add_argument("--name", help="results file name (default compression_backdoors[_<dataset>][_<model>])")
     ap.add_argument("--detect", action="store_true",
                     help="also run Neural Cleanse and STRIP at FP32 and at the targeted precision")
     ap.add_argument("--anatomy", action="store_true",
@@ -171,11 +182,12 @@ def main() -> None:
         train_wall = time.perf_counter() - t0
         probe = probe or t.attack
         rec = {"attack": label, "spec": spec, "train_wall_s": train_wall, "precisions": {}}
-        for p in PRECISIONS:
+        for p in args.precisions:
             try:
                 clf = compress(p, t.model, calib=t.poisoned.holdout)
                 m = evaluate(clf, t.bundle.test, t.attack)
-                rec["precisions"][p] = {"ca": m["ca"], "asr": m["asr"]}
+                rec["precisions"][p] = {"ca": m["ca"], "asr": m["asr"], "runtime": clf.info.get("runtime"),
+                                        "simulated": clf.info.get("simulated")}
                 if args.anatomy and p in ("int8-torch", "int8-ort") and label != "none":
                     rec.setdefault("anatomy", {})[p] = quantization_anatomy(clf, t.bundle.test, t.attack)
             except Exception as exc:  # one failing precision must not lose the others
@@ -202,7 +214,7 @@ def main() -> None:
             rec["detection"] = detect(ds, spec, DEPLOYED[label], args.model, train)
         out.append(rec)
         row = [label]
-        for p in PRECISIONS:
+        for p in args.precisions:
             r = rec["precisions"][p]
             row.append("error" if "error" in r else f"{r['ca']:.3f} / {r['asr']:.3f}")
         rows.append(row)
@@ -212,9 +224,10 @@ def main() -> None:
         name += f"_{args.model}"
     if train is not GTSRB_TRAIN:
         name += f"_lr{args.lr:g}"
+    name = args.name or name
     path = write(name, {"dataset": ds, "model": args.model, "train": train,
                         "rows": merged_rows(RESULTS / f"{name}.json", out, ds)})
-    print(table(["attack", *[f"{p} CA / ASR" for p in PRECISIONS]], rows))
+    print(table(["attack", *[f"{p} CA / ASR" for p in args.precisions]], rows))
     det_rows = []
     for rec in out:
         for key, d in rec.get("detection", {}).items():

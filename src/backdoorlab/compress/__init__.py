@@ -10,7 +10,9 @@ Registered (``COMPRESSIONS.names()``):
 ``int8-torch``                FX static PTQ, x86/fbgemm int8 kernels (:mod:`.torch_int8`)
 ``fp32-ort``, ``int8-ort``    ONNX Runtime FP32 / ``quantize_static`` QDQ int8 (:mod:`.ort`)
 ``int8-ort-qop``              the same int8 model in ONNX Runtime's QOperator form (:mod:`.ort`)
-``int8-openvino``             NNCF PTQ run by OpenVINO's CPU plugin (:mod:`.openvino_rt`)
+``fp32-openvino``             the FP32 export on OpenVINO's CPU plugin (:mod:`.openvino_rt`)
+``int8-openvino``             NNCF PTQ int8 on OpenVINO's CPU plugin (:mod:`.openvino_rt`)
+``int8-tflite``               LiteRT full-integer int8 (int8 I/O), litert-torch PT2E (:mod:`.tflite`)
 ``int4-w``, ``w4a8``          INT4 weights (+ 8-bit activations), fake-quant (:mod:`.lowbit`)
 ``prune-l1[-30|-50|-70]``     unstructured magnitude pruning (:mod:`.prune`)
 ``prune-channel[-30|-50|-70]`` L1 filter pruning (:mod:`.prune`)
@@ -41,7 +43,7 @@ COMPRESSIONS = CompressionRegistry()
 
 
 def _register() -> None:
-    from . import dynamic, half, lowbit, openvino_rt, ort, prune, torch_int8
+    from . import dynamic, half, lowbit, openvino_rt, ort, prune, tflite, torch_int8
 
     add = COMPRESSIONS.add
     add("fp32", half.FP32Config, half.fp32)
@@ -52,7 +54,9 @@ def _register() -> None:
     add("fp32-ort", ort.OrtFP32Config, ort.fp32_ort)
     add("int8-ort", ort.OrtInt8Config, ort.int8_ort)
     add("int8-ort-qop", ort.OrtQOpConfig, ort.int8_ort)
+    add("fp32-openvino", openvino_rt.OpenVinoFP32Config, openvino_rt.fp32_openvino)
     add("int8-openvino", openvino_rt.OpenVinoInt8Config, openvino_rt.int8_openvino)
+    add("int8-tflite", tflite.TfliteInt8Config, tflite.int8_tflite)
     add("int4-w", lowbit.Int4WeightConfig, lowbit.int4_w)
     add("w4a8", lowbit.W4A8Config, lowbit.w4a8)
     add("prune-l1", prune.PruneL1Config, prune.prune_l1)

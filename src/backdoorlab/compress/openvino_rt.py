@@ -1,4 +1,5 @@
-"""``int8-openvino``: NNCF post-training quantization, run by OpenVINO's CPU plugin (Intel's edge stack).
+"""``int8-openvino``: NNCF post-training quantization, run by OpenVINO's CPU plugin (Intel's edge stack);
+``fp32-openvino``: the FP32 export on the same plugin, its speed reference.
 
 Flow (NNCF's documented PTQ: ``nncf.quantize(model, nncf.Dataset(...))``, with its defaults, as in
 NNCF's ONNX example ``examples/post_training_quantization/onnx/mobilenet_v2``, which quantizes an
@@ -47,13 +48,33 @@ from torch import nn
 from ..classifier import Capability, Classifier, TorchClassifier
 from ..data.tensordata import TensorData
 from ..errors import BackdoorLabError, check, require_extra
-from .base import CalibratedConfig, DualOutput
+from .base import CalibratedConfig, CompressionConfig, DualOutput
 from .calib import calibration_images
 from .layers import count_layers, describe_int8
 
 PRESETS = ("performance", "mixed")
 RANGES = ("mean-minmax", "minmax")
 _INT8_TYPES = {"Convolution": "conv", "FullyConnected": "linear", "MatMul": "linear", "GroupConvolution": "conv"}
+
+
+@dataclass(frozen=True)
+class OpenVinoFP32Config(CompressionConfig):
+    """``fp32-openvino``: the FP32 ONNX export compiled by OpenVINO's CPU plugin (FP32 inference
+    precision): the fair FP32 baseline for OpenVINO's int8 speed. ``threads`` as below."""
+
+    name = "fp32-openvino"
+    opset: int = 18
+    threads: int | None = None
+
+    def validate(self) -> None:
+        _check_common(self)
+
+
+def _check_common(cfg: Any) -> None:
+    check(isinstance(cfg.opset, int) and 17 <= cfg.opset <= 23,
+          f"{cfg.name}: opset must be an integer in [17, 23], got {cfg.opset!r}")
+    check(cfg.threads is None or (isinstance(cfg.threads, int) and cfg.threads > 0),
+          f"{cfg.name}: threads must be a positive integer, got {cfg.threads!r}")
 
 
 @dataclass(frozen=True)
@@ -81,10 +102,7 @@ class OpenVinoInt8Config(CalibratedConfig):
                                                f"got {self.activation_range!r}")
         check(isinstance(self.fast_bias_correction, bool),
               f"{self.name}: fast_bias_correction must be true or false, got {self.fast_bias_correction!r}")
-        check(isinstance(self.opset, int) and 17 <= self.opset <= 23,
-              f"{self.name}: opset must be an integer in [17, 23], got {self.opset!r}")
-        check(self.threads is None or (isinstance(self.threads, int) and self.threads > 0),
-              f"{self.name}: threads must be a positive integer, got {self.threads!r}")
+        _check_common(self)
 
 
 @contextlib.contextmanager
@@ -183,6 +201,27 @@ def quantize_nncf(fp32_bytes: bytes, x: torch.Tensor, cfg: OpenVinoInt8Config) -
         q = nncf.quantize(onnx.load_from_string(fp32_bytes), nncf.Dataset(items), preset=preset,
                           subset_size=len(items), fast_bias_correction=cfg.fast_bias_correction, **extra)
     return q.SerializeToString()
+
+
+def fp32_openvino(cfg: OpenVinoFP32Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
+                  artifact: dict | None = None) -> Classifier:
+    import copy
+
+    from .ort import _export_checked
+
+    require_extra("openvino", "openvino", cfg.name)
+    if artifact is not None:
+        data, shape = artifact["onnx"].numpy().tobytes(), tuple(artifact["input_shape"])
+    else:
+        x = calibration_images(calib, 64, cfg.name)
+        data, shape = _export_checked(model, x, cfg.opset), tuple(x.shape[1:])
+    clf = OpenVinoClassifier(data, cfg.tag(), cfg.threads)
+    clf.input_shape = shape
+    clf.int8_layers = describe_int8(clf.count_int8(), count_layers(model))
+    clf.artifact = {"onnx": torch.frombuffer(bytearray(data), dtype=torch.uint8), "input_shape": list(shape)}
+    clf.surrogate = TorchClassifier(copy.deepcopy(model), precision=f"{cfg.tag()}/surrogate", device=device,
+                                    capabilities=frozenset({Capability.GRAD, Capability.FEATURES}))
+    return clf
 
 
 def int8_openvino(cfg: OpenVinoInt8Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
