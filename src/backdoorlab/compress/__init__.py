@@ -13,6 +13,8 @@ Registered (``COMPRESSIONS.names()``):
 ``fp32-openvino``             the FP32 export on OpenVINO's CPU plugin (:mod:`.openvino_rt`)
 ``int8-openvino``             NNCF PTQ int8 on OpenVINO's CPU plugin (:mod:`.openvino_rt`)
 ``int8-tflite``               LiteRT full-integer int8 (int8 I/O), litert-torch PT2E (:mod:`.tflite`)
+``int8-pt2e``                 PT2E x86 PTQ (torchao), Inductor -> oneDNN int8 kernels (:mod:`.pt2e`)
+``int8-executorch``           PT2E XNNPACK PTQ, ``.pte`` run by ExecuTorch (:mod:`.executorch_rt`)
 ``int4-w``, ``w4a8``          INT4 weights (+ 8-bit activations), fake-quant (:mod:`.lowbit`)
 ``prune-l1[-30|-50|-70]``     unstructured magnitude pruning (:mod:`.prune`)
 ``prune-channel[-30|-50|-70]`` L1 filter pruning (:mod:`.prune`)
@@ -57,6 +59,9 @@ def _register() -> None:
     add("fp32-openvino", openvino_rt.OpenVinoFP32Config, openvino_rt.fp32_openvino)
     add("int8-openvino", openvino_rt.OpenVinoInt8Config, openvino_rt.int8_openvino)
     add("int8-tflite", tflite.TfliteInt8Config, tflite.int8_tflite)
+    from . import executorch_rt, pt2e
+    add("int8-pt2e", pt2e.Pt2eInt8Config, pt2e.int8_pt2e)
+    add("int8-executorch", executorch_rt.ExecutorchInt8Config, executorch_rt.int8_executorch)
     add("int4-w", lowbit.Int4WeightConfig, lowbit.int4_w)
     add("w4a8", lowbit.W4A8Config, lowbit.w4a8)
     add("prune-l1", prune.PruneL1Config, prune.prune_l1)
