@@ -29,12 +29,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BackdoorLabError(f"--data {args.data} is not a directory")
     study = Study.from_yaml(args.study, variant="gpu" if args.gpu else args.variant)
     cells = study.select(args.only)
-    study.validate(args.data, cells=cells)  # names, values and data files, before anything is written
+    # names, values and data files, before anything is written (with Ray, the workers' devices are theirs)
+    study.validate(args.data, cells=cells, check_device=args.executor == "local")
     cells = bind_sources(cells, args.data)  # run ids by the content of the files the cells read
     store = ResultStore(_store_path(args.store))
     store.check_writable()
     run_study(study, store, data_dir=args.data, device=args.device,
-              progress=False if args.no_progress else None, cells=cells)
+              progress=False if args.no_progress else None, cells=cells, executor=args.executor,
+              address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
     rows = store.rows(study.name)
     run_ids = {c.run_id for c in cells}
     rows = [r for r in rows if r.run_id in run_ids]
@@ -161,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpu", action="store_true", help="same as --variant gpu")
     r.add_argument("--only", action="append", metavar="AXIS=VALUE",
                    help="run only matching cells, e.g. --only dataset=gtsrb --only seed=0 (repeatable)")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: cells one after another in this process (default); ray: cells as tasks on a "
+                   "Ray cluster, this process writing the store")
+    r.add_argument("--address", help="with --executor ray: the cluster's HOST:PORT (default $RAY_ADDRESS, "
+                   "else a local cluster started for this run)")
+    r.add_argument("--cpus-per-cell", type=int, metavar="N",
+                   help="with --executor ray: CPUs (torch threads) per cell (default: the study's ray setting, else 1)")
+    r.add_argument("--gpus-per-cell", type=float, metavar="F",
+                   help="with --executor ray: GPUs per cell, a fraction shares one (e.g. 0.25; default: 1 where "
+                   "cells run on CUDA, else 0)")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("results", help="print the result table")

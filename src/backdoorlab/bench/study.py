@@ -12,6 +12,7 @@ A study is a YAML file (the only YAML in the repo lives in ``studies/``)::
     train: {epochs: 30, batch_size: 128}
     holdout: 0.05                       # defender's clean share of the training set
     tta: none                           # or flip: CA / ASR / RA from image + mirror-image logits
+    ray: {cpus_per_cell: 1, gpus_per_cell: 0.25}   # resources per cell with --executor ray
 
 Everything is validated before any cell runs, so a bad study changes nothing on disk.
 """
@@ -29,9 +30,10 @@ from ..data.datasets import DatasetConfig, locate
 from ..errors import BackdoorLabError, check
 from ..registry import split_spec
 from ..train.fit import TrainConfig
+from .ray_executor import RayOptions
 
 KEYS = {"name", "description", "datasets", "models", "attacks", "compress", "defenses", "seeds",
-        "train", "holdout", "device", "variants", "tta"}
+        "train", "holdout", "device", "variants", "tta", "ray"}
 TTA = ("none", "flip")
 
 
@@ -103,6 +105,7 @@ class Study:
     device: str = "auto"
     description: str = ""
     tta: str = "none"
+    ray: RayOptions = field(default_factory=RayOptions)  # how --executor ray runs the cells (not in run ids)
 
     def cells(self) -> list[Cell]:
         return [Cell(self.name, d, m, a, c, f, s, self.train, self.holdout, self.tta)
@@ -235,6 +238,12 @@ class Study:
         holdout = raw.get("holdout", 0.05)
         check(isinstance(holdout, (int, float)) and not isinstance(holdout, bool) and 0 <= holdout < 1,
               f"holdout must be a number in [0, 1), got {holdout!r}")
+        ray_raw = raw.get("ray")
+        ray_raw = {} if ray_raw is None else ray_raw
+        check(isinstance(ray_raw, dict), f"study 'ray' must be a mapping of executor settings "
+                                         f"(cpus_per_cell, gpus_per_cell, max_retries), got {ray_raw!r}")
+        ray = from_dict(RayOptions, ray_raw, what="ray")
+        ray.validate()
         tta = raw.get("tta", "none")
         check(isinstance(tta, str) and tta in TTA, f"tta must be one of {', '.join(TTA)}, got {tta!r}")
         study = cls(
@@ -250,22 +259,25 @@ class Study:
             device=text("device", "auto"),
             description=text("description", "", allow_null=True),
             tta=tta,
+            ray=ray,
         )
         study.validate(check_data=False)  # data files are checked where data_dir is known
         return study
 
     def validate(self, data_dir: str | os.PathLike | None = None, check_data: bool = True,
-                 cells: list[Cell] | None = None) -> None:
+                 cells: list[Cell] | None = None, check_device: bool = True) -> None:
         """Build every named thing once (cheaply) and find every dataset's files (only those the
         given ``cells`` use, if any), so errors surface before any work is done or anything is
-        written."""
+        written. ``check_device=False``: the device is not this machine's to check (the Ray
+        executor's workers resolve it)."""
         from ..attacks import ATTACKS
         from ..compress import COMPRESSIONS
         from ..defenses import DEFENSES
         from ..models import MODELS
         from ..utils import resolve_device
 
-        resolve_device(self.device)
+        if check_device:
+            resolve_device(self.device)
         for m in self.models:
             name, params = split_spec(m)
             MODELS.check_params(name, params)
