@@ -98,6 +98,25 @@ def test_executorch_runs_batches_above_its_bound_in_chunks(tiny, tiny_built):
     assert out.shape == (29, 10) and torch.equal(out, ref[:29])
 
 
+def test_fp32_executorch_twin_reproduces_pytorch(tiny):
+    """``fp32-executorch``: the same export and XNNPACK lowering without the quantizer."""
+    _need("int8-executorch")
+    clf = compress("fp32-executorch", tiny.model, calib=tiny.calib, device="cpu")
+    assert clf.int8_layers == "conv:0/6, linear:0/1" and clf.max_batch == 256
+    assert clf.info["runtime"] == "executorch-xnnpack" and clf.info["simulated"] is False
+    assert clf.info["delegated_subgraphs"] >= 1 and "calib_size" not in clf.info
+    with torch.no_grad():
+        ref = tiny.model(tiny.x)
+    full = clf.logits(tiny.x)
+    assert (full - ref).abs().max() <= 1e-4 * ref.abs().max()
+    for n in (1, 7, 16):
+        assert torch.allclose(clf.logits(tiny.x[:n]), full[:n], atol=1e-5), n
+    assert clf.features(tiny.x).shape == (32, 64)
+    assert Capability.GRAD in clf.surrogate.capabilities and agreement(clf, clf.surrogate, tiny.x) == 1.0
+    again = compress("fp32-executorch", tiny.model, calib=None, device="cpu", artifact=clf.artifact)
+    assert torch.equal(again.logits(tiny.x), full) and again.size_bytes == clf.size_bytes
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_surrogate_uses_the_artifacts_own_qparams(tiny, tiny_built, name):
     from backdoorlab.compress.fakequant import FakeQuant
@@ -139,6 +158,8 @@ def test_pt2e_surrogate_rejects_an_unknown_quantized_op():
     ({"name": "int8-executorch", "calib_size": -3}, "int8-executorch: calib_size must be a positive integer"),
     ({"name": "int8-executorch", "max_batch": 1}, r"int8-executorch: max_batch must be an integer in \[2, 4096\]"),
     ({"name": "int8-executorch", "threads": 0}, "int8-executorch: threads must be a positive integer"),
+    ({"name": "fp32-executorch", "max_batch": 1}, r"fp32-executorch: max_batch must be an integer in \[2, 4096\]"),
+    ({"name": "fp32-executorch", "calib_size": 8}, "fp32-executorch' has no parameter 'calib_size'"),
 ])
 def test_validate_rejects_bad_values(spec, match):
     with pytest.raises(BackdoorLabError, match=match):

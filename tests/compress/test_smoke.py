@@ -10,7 +10,7 @@ from backdoorlab.classifier import Capability, agreement
 from backdoorlab.compress import COMPRESSIONS, compress
 
 NO_GRAD = {"int8-dynamic", "int8-torch", "int8-ort", "int8-ort-qop", "int8-openvino", "fp32-openvino", "int8-tflite",
-           "int8-pt2e", "int8-executorch", "fp32-ort"}
+           "fp32-tflite", "int8-pt2e", "int8-executorch", "fp32-executorch", "fp32-ort"}
 SIMULATED = {"int4-w", "w4a8"}
 
 

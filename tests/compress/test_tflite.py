@@ -98,6 +98,26 @@ def test_histogram_calibration_clips_activation_ranges(tiny, tiny_tflite):
     assert agreement(hist, hist.surrogate, tiny.x) == 1.0
 
 
+def test_fp32_twin_reproduces_pytorch(tiny, tiny_tflite):
+    """``fp32-tflite``: the same conversion without the quantizer, float32 I/O, same interpreter."""
+    clf = compress("fp32-tflite", tiny.model, calib=tiny.calib, device="cpu")
+    assert clf.precision == "fp32-tflite" and clf.io_dtypes == ["float32", "float32", "float32"]
+    assert clf.info["runtime"] == "litert" and clf.info["simulated"] is False and clf.info["io_dtype"] == "float32"
+    assert clf.int8_layers == "conv:0/6, linear:0/1"  # the same kernel-truth counter as int8-tflite
+    assert clf.size_bytes > 2 * tiny_tflite.size_bytes
+    with torch.no_grad():
+        ref = tiny.model(tiny.x)
+    assert (clf.logits(tiny.x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert clf.features(tiny.x[:3]).shape == (3, 64)
+    assert Capability.GRAD in clf.surrogate.capabilities and agreement(clf, clf.surrogate, tiny.x) == 1.0
+    again = compress("fp32-tflite", tiny.model, calib=None, device="cpu", artifact=clf.artifact)
+    assert torch.equal(again.logits(tiny.x), clf.logits(tiny.x))
+    with pytest.raises(BackdoorLabError, match="fp32-tflite: threads must be a positive integer"):
+        COMPRESSIONS.validate({"name": "fp32-tflite", "threads": 0})
+    with pytest.raises(BackdoorLabError, match="has no parameter 'calib_size'"):
+        COMPRESSIONS.validate({"name": "fp32-tflite", "calib_size": 10})
+
+
 def test_config_validation():
     cfg = COMPRESSIONS.config("int8-tflite")
     assert cfg.calib_size == 100 and cfg.per_channel is True and cfg.calibration == "minmax"

@@ -1,5 +1,7 @@
 """``int8-executorch``: PT2E int8 quantization for ExecuTorch's XNNPACK backend, run by the
-ExecuTorch runtime (the ``.pte`` program as it would ship to a phone).
+ExecuTorch runtime (the ``.pte`` program as it would ship to a phone); ``fp32-executorch``: the
+same export and XNNPACK lowering without the quantizer (XNNPACK's FP32 kernels), its speed
+reference.
 
 Follows ExecuTorch's "Building and Running ExecuTorch with XNNPACK Backend" and "Quantization"
 docs (docs.pytorch.org/executorch/stable/backends-xnnpack.html, tutorial-xnnpack-delegate-lowering):
@@ -35,6 +37,11 @@ many images (no padding). Tests check batches 1, 7, 16 and 256 against the conve
 
 The artifact is the ``.pte`` bytes plus the converted PT2E program (``torch.export.save``), from
 which the surrogate (:func:`backdoorlab.compress.pt2e.pt2e_surrogate`) is built.
+
+``fp32-executorch`` skips step 2: the float program (after the same pool rewrite) is exported with
+the same dynamic batch and lowered by the same partitioner, so its convs and linears run in
+XNNPACK's F32 kernels. It calibrates nothing (two images of ``calib`` are the export example);
+its artifact is the ``.pte`` alone and its surrogate a copy of the float model.
 """
 
 from __future__ import annotations
@@ -47,10 +54,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..classifier import Capability, Classifier
+from ..classifier import Capability, Classifier, TorchClassifier
 from ..data.tensordata import TensorData
 from ..errors import BackdoorLabError, check, require_extra
-from .base import CalibratedConfig
+from .base import CalibratedConfig, CompressionConfig
 from .calib import calibration_images
 from .layers import count_layers, describe_int8
 from .pt2e import (
@@ -79,11 +86,28 @@ class ExecutorchInt8Config(CalibratedConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(isinstance(self.max_batch, int) and not isinstance(self.max_batch, bool) and 2 <= self.max_batch <= 4096,
-              f"int8-executorch: max_batch must be an integer in [2, 4096], got {self.max_batch!r}")
-        check(self.threads is None or (isinstance(self.threads, int) and not isinstance(self.threads, bool)
-                                       and self.threads > 0),
-              f"int8-executorch: threads must be a positive integer, got {self.threads!r}")
+        _check_common(self)
+
+
+@dataclass(frozen=True)
+class ExecutorchFP32Config(CompressionConfig):
+    """``fp32-executorch``: the float program lowered to XNNPACK, the fair FP32 baseline for
+    ``int8-executorch``'s speed. ``max_batch`` and ``threads`` as there."""
+
+    name = "fp32-executorch"
+    max_batch: int = 256
+    threads: int | None = None
+
+    def validate(self) -> None:
+        _check_common(self)
+
+
+def _check_common(cfg: Any) -> None:
+    check(isinstance(cfg.max_batch, int) and not isinstance(cfg.max_batch, bool) and 2 <= cfg.max_batch <= 4096,
+          f"{cfg.name}: max_batch must be an integer in [2, 4096], got {cfg.max_batch!r}")
+    check(cfg.threads is None or (isinstance(cfg.threads, int) and not isinstance(cfg.threads, bool)
+                                  and cfg.threads > 0),
+          f"{cfg.name}: threads must be a positive integer, got {cfg.threads!r}")
 
 
 # ----------------------------------------------------------------------------- the classifier
@@ -137,7 +161,7 @@ class ExecutorchClassifier(Classifier):
 
 
 # ----------------------------------------------------------------------------- lowering
-def adaptive_max_to_max_pool(gm: fx.GraphModule) -> fx.GraphModule:
+def adaptive_max_to_max_pool(gm: fx.GraphModule, who: str = "int8-executorch") -> fx.GraphModule:
     """Rewrite each ``adaptive_max_pool2d(x, (oh, ow))`` whose input size divides evenly into the
     equal ``max_pool2d(x, k, k)`` with ``k = (H // oh, W // ow)`` (in place; returns ``gm``)."""
     for node in list(gm.graph.nodes):
@@ -146,7 +170,7 @@ def adaptive_max_to_max_pool(gm: fx.GraphModule) -> fx.GraphModule:
         h, w = (int(s) for s in node.args[0].meta["val"].shape[-2:])
         oh, ow = (int(s) for s in node.args[1])
         if h % oh or w % ow:
-            raise BackdoorLabError(f"int8-executorch: adaptive_max_pool2d from {h}x{w} to {oh}x{ow} has no "
+            raise BackdoorLabError(f"{who}: adaptive_max_pool2d from {h}x{w} to {oh}x{ow} has no "
                                    f"ExecuTorch kernel (only evenly dividing sizes are rewritten to max_pool2d)")
         k = [h // oh, w // ow]
         with gm.graph.inserting_before(node):
@@ -154,11 +178,11 @@ def adaptive_max_to_max_pool(gm: fx.GraphModule) -> fx.GraphModule:
         pool.meta = dict(node.meta)
         for user in list(node.users):
             if user.target is not operator.getitem:
-                raise BackdoorLabError("int8-executorch: unexpected use of adaptive_max_pool2d's result")
+                raise BackdoorLabError(f"{who}: unexpected use of adaptive_max_pool2d's result")
             if user.args[1] == 0:
                 user.replace_all_uses_with(pool)
             elif user.users:
-                raise BackdoorLabError("int8-executorch: adaptive_max_pool2d's indices are used; no ExecuTorch kernel")
+                raise BackdoorLabError(f"{who}: adaptive_max_pool2d's indices are used; no ExecuTorch kernel")
             gm.graph.erase_node(user)
         gm.graph.erase_node(node)
     gm.graph.lint()
@@ -172,7 +196,8 @@ def _restore_batch_range(ep: Any, max_batch: int) -> None:
     from torch.utils._sympy.value_ranges import ValueRanges
 
     for node in ep.graph.nodes:
-        if node.op != "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor):
+        if node.op != "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor) \
+                or node.meta["val"].ndim == 0:  # a lifted scalar constant
             continue
         dim = node.meta["val"].shape[0]
         if isinstance(dim, torch.SymInt) and dim.node.expr.is_symbol:
@@ -205,8 +230,9 @@ def delegation(edge_gm: fx.GraphModule) -> dict[str, Any]:
             "delegated_nodes": n_delegated, "non_delegated_ops": outside}
 
 
-def lower_to_pte(ep: torch.export.ExportedProgram, max_batch: int) -> tuple[bytes, dict[str, Any]]:
-    """XNNPACK-lowered ``.pte`` bytes of a converted PT2E program, and its delegation facts."""
+def lower_to_pte(ep: torch.export.ExportedProgram, max_batch: int,
+                 who: str = "int8-executorch") -> tuple[bytes, dict[str, Any]]:
+    """XNNPACK-lowered ``.pte`` bytes of a converted PT2E (or float) program, and its delegation facts."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -219,17 +245,66 @@ def lower_to_pte(ep: torch.export.ExportedProgram, max_batch: int) -> tuple[byte
     except BackdoorLabError:
         raise
     except Exception as exc:
-        raise BackdoorLabError(f"int8-executorch: the quantized model cannot be lowered to ExecuTorch/XNNPACK: "
+        what = "quantized" if who.startswith("int8") else "float"
+        raise BackdoorLabError(f"{who}: the {what} model cannot be lowered to ExecuTorch/XNNPACK: "
                                f"{_one_line(exc)}") from None
     return pte, facts
 
 
 # ----------------------------------------------------------------------------- handler
+def build_pte(cfg: ExecutorchInt8Config | ExecutorchFP32Config, model: nn.Module, calib: TensorData | None,
+              quantize: bool) -> tuple[bytes, bytes | None, tuple[int, ...], dict[str, Any], Any, dict[str, Any]]:
+    """What ``int8-executorch`` (``quantize``: XNNPACK PT2E PTQ on ``calib_size`` images) and
+    ``fp32-executorch`` share: export with a dynamic batch, rewrite the pools, (quantize,) lower.
+    Returns ``(pte, converted program bytes or None, input shape, delegation facts, converted
+    graph module or None, timings)``."""
+    info: dict[str, Any] = {}
+    x = calibration_images(calib, cfg.calib_size if quantize else 2, cfg.name)  # type: ignore[union-attr]
+    shape = tuple(x.shape[1:])
+    example = example_batch(x)
+    t0 = time.perf_counter()
+    gm = adaptive_max_to_max_pool(export_float(model, example, cfg.max_batch, cfg.name).module(), cfg.name)
+    program, sur_gm = None, None
+    if quantize:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        gm = quantize_graph(gm, quantizer, x)
+    ep = export_converted(gm, example, cfg.max_batch)
+    if quantize:
+        program = save_program(ep)
+        info["quantize_s"] = round(time.perf_counter() - t0, 3)
+        sur_gm = ep.module()  # before lowering, which transforms the program
+    else:
+        info["export_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    pte, facts = lower_to_pte(ep, cfg.max_batch, cfg.name)
+    info["lower_s"] = round(time.perf_counter() - t0, 3)
+    return pte, program, shape, facts, sur_gm, info
+
+
+def _classifier(cfg: ExecutorchInt8Config | ExecutorchFP32Config, model: nn.Module, pte: bytes,
+                shape: tuple[int, ...], facts: dict[str, Any], artifact: dict[str, Any],
+                info: dict[str, Any]) -> ExecutorchClassifier:
+    import executorch.version
+
+    clf = ExecutorchClassifier(pte, cfg.tag(), cfg.threads)
+    clf.input_shape = shape
+    clf.int8_layers = describe_int8(facts["int8"], count_layers(model))
+    clf.artifact = {"pte": to_bytes_tensor(pte), "input_shape": list(shape), "delegation": facts, **artifact}
+    clf.info = {"runtime": "executorch-xnnpack", "runtime_version": executorch.version.__version__,
+                "simulated": False, **info, "max_batch": clf.max_batch, "threads": clf.threads,
+                "delegated_subgraphs": facts["subgraphs"], "non_delegated_ops": facts["non_delegated_ops"]}
+    return clf
+
+
 def int8_executorch(cfg: ExecutorchInt8Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
                     artifact: dict | None = None) -> Classifier:
     require_extra("executorch", "executorch", "int8-executorch")
     require_extra("torchao", "pt2e", "int8-executorch")
-    import executorch.version
 
     info: dict[str, Any] = {}
     if artifact is not None:
@@ -237,32 +312,25 @@ def int8_executorch(cfg: ExecutorchInt8Config, model: nn.Module, *, calib: Tenso
         shape, facts = tuple(artifact["input_shape"]), artifact["delegation"]
         sur_gm = load_program(program).module()
     else:
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-            XNNPACKQuantizer,
-            get_symmetric_quantization_config,
-        )
-
-        x = calibration_images(calib, cfg.calib_size, "int8-executorch")
-        shape = tuple(x.shape[1:])
-        example = example_batch(x)
-        t0 = time.perf_counter()
-        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        float_gm = adaptive_max_to_max_pool(export_float(model, example, cfg.max_batch, "int8-executorch").module())
-        ep = export_converted(quantize_graph(float_gm, quantizer, x), example, cfg.max_batch)
-        program = save_program(ep)
-        info["quantize_s"] = round(time.perf_counter() - t0, 3)
-        sur_gm = ep.module()  # before lowering, which transforms the program
-        t0 = time.perf_counter()
-        pte, facts = lower_to_pte(ep, cfg.max_batch)
-        info["lower_s"] = round(time.perf_counter() - t0, 3)
-    clf = ExecutorchClassifier(pte, cfg.tag(), cfg.threads)
-    clf.input_shape = shape
-    clf.int8_layers = describe_int8(facts["int8"], count_layers(model))
-    clf.artifact = {"pte": to_bytes_tensor(pte), "program": to_bytes_tensor(program), "input_shape": list(shape),
-                    "delegation": facts}
-    clf.info = {"runtime": "executorch-xnnpack", "runtime_version": executorch.version.__version__,
-                "simulated": False, "calib_size": cfg.calib_size, "activations": "int8", "weights": "int8 per-channel",
-                "max_batch": clf.max_batch, "threads": clf.threads, "delegated_subgraphs": facts["subgraphs"],
-                "non_delegated_ops": facts["non_delegated_ops"], **info}
+        pte, program, shape, facts, sur_gm, info = build_pte(cfg, model, calib, quantize=True)
+    clf = _classifier(cfg, model, pte, shape, facts, {"program": to_bytes_tensor(program)},
+                      {"calib_size": cfg.calib_size, "activations": "int8", "weights": "int8 per-channel", **info})
     clf.surrogate = surrogate_classifier(sur_gm, cfg.tag(), device)
+    return clf
+
+
+def fp32_executorch(cfg: ExecutorchFP32Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
+                    artifact: dict | None = None) -> Classifier:
+    import copy
+
+    require_extra("executorch", "executorch", "fp32-executorch")
+    info: dict[str, Any] = {}
+    if artifact is not None:
+        pte, shape, facts = artifact["pte"].numpy().tobytes(), tuple(artifact["input_shape"]), artifact["delegation"]
+    else:
+        pte, _, shape, facts, _, info = build_pte(cfg, model, calib, quantize=False)
+    clf = _classifier(cfg, model, pte, shape, facts, {},
+                      {"activations": "float32", "weights": "float32", **info})
+    clf.surrogate = TorchClassifier(copy.deepcopy(model), precision=f"{cfg.tag()}/surrogate", device=device,
+                                    capabilities=frozenset({Capability.GRAD, Capability.FEATURES}))
     return clf

@@ -1,4 +1,5 @@
-"""``int8-tflite``: full-integer int8 LiteRT (TensorFlow Lite), run by the LiteRT interpreter.
+"""``int8-tflite``: full-integer int8 LiteRT (TensorFlow Lite), run by the LiteRT interpreter;
+``fp32-tflite``: the same conversion without quantization (float32 ``.tflite``), its speed reference.
 
 The deployment Ma et al. attack ("Quantization Backdoors to Deep Learning Commercial
 Frameworks", IEEE TDSC 2023): TFLite post-training full-integer quantization with a
@@ -55,6 +56,13 @@ so gradient defenses see the artifact's numerics; what differs is TFLite's fixed
 requantization rounding.
 
 The artifact is ``{"tflite": uint8 tensor of the flatbuffer, "input_shape": [C, H, W]}``.
+
+``fp32-tflite`` takes steps 1 and 3 without the quantizer: the same :func:`_tflite_ready` rewrites,
+``torch.export`` at batch 1 and ``litert_torch.convert`` with no ``quant_config`` give a float32
+flatbuffer (float32 input and outputs, FP32 CONV_2D / FULLY_CONNECTED kernels, XNNPACK's F32
+path), run by the same :class:`TfliteClassifier` (no quantize/dequantize at the edges). Its
+logits are checked against PyTorch's at conversion. It has no calibration (the first image of
+``calib`` only gives the input shape) and its surrogate is a copy of the float model.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ from torch import nn
 from ..classifier import Capability, Classifier, TorchClassifier
 from ..data.tensordata import TensorData
 from ..errors import BackdoorLabError, check, require_extra
-from .base import CalibratedConfig, DualOutput, LogitsAndFeatures
+from .base import CalibratedConfig, CompressionConfig, DualOutput, LogitsAndFeatures
 from .calib import calibration_images
 from .fakequant import FakeQuant, qrange
 from .layers import count_layers, describe_int8
@@ -112,9 +120,26 @@ class TfliteInt8Config(CalibratedConfig):
                                                 f"{', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         check(isinstance(self.per_channel, bool), f"int8-tflite: per_channel must be true or false, "
                                                   f"got {self.per_channel!r}")
-        check(self.threads is None or (isinstance(self.threads, int) and not isinstance(self.threads, bool)
-                                       and self.threads > 0),
-              f"int8-tflite: threads must be a positive integer, got {self.threads!r}")
+        _check_threads(self)
+
+
+@dataclass(frozen=True)
+class TfliteFP32Config(CompressionConfig):
+    """``fp32-tflite``: the float32 ``.tflite`` of the same litert-torch conversion, in the same
+    LiteRT interpreter: the fair FP32 baseline for ``int8-tflite``'s speed. ``threads``:
+    interpreter threads (``None``: torch's)."""
+
+    name = "fp32-tflite"
+    threads: int | None = None
+
+    def validate(self) -> None:
+        _check_threads(self)
+
+
+def _check_threads(cfg: Any) -> None:
+    check(cfg.threads is None or (isinstance(cfg.threads, int) and not isinstance(cfg.threads, bool)
+                                  and cfg.threads > 0),
+          f"{cfg.name}: threads must be a positive integer, got {cfg.threads!r}")
 
 
 # ----------------------------------------------------------------------------- quiet library calls
@@ -200,41 +225,55 @@ def _quant_config(pq: Any, cfg: TfliteInt8Config) -> Any:
     return qc
 
 
-def convert_int8(model: nn.Module, x: torch.Tensor, cfg: TfliteInt8Config) -> bytes:
-    """Full-integer int8 ``.tflite`` bytes of ``model`` calibrated on ``x`` ``(n, C, H, W)`` in
-    [0, 1] (litert-torch PT2E route); one-line error if the model cannot be converted."""
+def convert_tflite(model: nn.Module, x: torch.Tensor, cfg: TfliteInt8Config | TfliteFP32Config,
+                   quantize: bool) -> bytes:
+    """``.tflite`` bytes of ``model`` by litert-torch: full-integer int8 calibrated on ``x``
+    ``(n, C, H, W)`` in [0, 1] when ``quantize`` (PT2E route), else float32 (only ``x[:1]`` is
+    used, as the example input). One-line error if the model cannot be converted."""
+    who = cfg.name
     with _quiet():  # importing litert-torch (JAX, torchao) logs from C++
-        require_extra("litert_torch", "tflite", "int8-tflite")
-        require_extra("torchao", "tflite", "int8-tflite")
+        require_extra("litert_torch", "tflite", who)
+        if quantize:
+            require_extra("torchao", "tflite", who)
         import litert_torch
-        from litert_torch.quantize import pt2e_quantizer as pq
-        from litert_torch.quantize.quant_config import QuantConfig
-        from torchao.quantization.pt2e import move_exported_model_to_eval
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     wrapped = LogitsAndFeatures(_tflite_ready(model)).eval()
     args = (x[:1].cpu().float().contiguous(),)
     try:
         with _quiet(), torch.no_grad():
             gm = torch.export.export(wrapped, args).module()
-            quantizer = pq.PT2EQuantizer().set_global(_quant_config(pq, cfg))
-            gm = prepare_pt2e(gm, quantizer)
-            for i in range(len(x)):  # a representative dataset yields one image at a time
-                gm(x[i:i + 1].cpu().float().contiguous())
-            gm = move_exported_model_to_eval(convert_pt2e(gm, fold_quantize=False))
-            gm.training = False
-            edge = litert_torch.convert(gm, args, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+            quant_config = None
+            if quantize:
+                from litert_torch.quantize import pt2e_quantizer as pq
+                from litert_torch.quantize.quant_config import QuantConfig
+                from torchao.quantization.pt2e import move_exported_model_to_eval
+                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+                quantizer = pq.PT2EQuantizer().set_global(_quant_config(pq, cfg))
+                gm = prepare_pt2e(gm, quantizer)
+                for i in range(len(x)):  # a representative dataset yields one image at a time
+                    gm(x[i:i + 1].cpu().float().contiguous())
+                gm = move_exported_model_to_eval(convert_pt2e(gm, fold_quantize=False))
+                gm.training = False
+                quant_config = QuantConfig(pt2e_quantizer=quantizer)
+            edge = litert_torch.convert(gm, args, quant_config=quant_config)
             data = edge.model_content()
     except Exception as exc:
         msg = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise BackdoorLabError(f"the model cannot be converted to int8 TFLite with litert-torch: {msg}") from None
+        kind = "int8" if quantize else "float32"
+        raise BackdoorLabError(f"the model cannot be converted to {kind} TFLite with litert-torch: {msg}") from None
     return bytes(data)
 
 
+def convert_int8(model: nn.Module, x: torch.Tensor, cfg: TfliteInt8Config) -> bytes:
+    """Full-integer int8 ``.tflite`` bytes of ``model`` calibrated on ``x`` (:func:`convert_tflite`)."""
+    return convert_tflite(model, x, cfg, quantize=True)
+
+
 # ----------------------------------------------------------------------------- the classifier
-def _interpreter(model_bytes: bytes, threads: int | None) -> Any:
+def _interpreter(model_bytes: bytes, threads: int | None, who: str = "int8-tflite") -> Any:
     with _quiet():
-        Interpreter = require_extra("ai_edge_litert.interpreter", "tflite", "int8-tflite").Interpreter
+        Interpreter = require_extra("ai_edge_litert.interpreter", "tflite", who).Interpreter
         it = Interpreter(model_content=model_bytes, num_threads=threads or torch.get_num_threads())
         it.allocate_tensors()
     return it
@@ -257,9 +296,10 @@ class TfliteClassifier(Classifier):
     """A ``.tflite`` model in the LiteRT interpreter (CPU, XNNPACK).
 
     ``logits(x)``: ``(N, C, H, W)`` float in [0, 1] -> ``(N, K)`` float32 (CPU): each image is
-    quantized with the input tensor's scale/zero-point, transposed if the model takes NHWC, run
-    by one ``invoke`` (the model has batch 1), and the int8 outputs are dequantized with their
-    own parameters. FEATURES when the signature has a second output. No GRAD: see ``surrogate``.
+    quantized with the input tensor's scale/zero-point (an int8 model; a float32 model takes it
+    as it is), transposed if the model takes NHWC, run by one ``invoke`` (the model has batch 1),
+    and int8 outputs are dequantized with their own parameters (float32 outputs pass through).
+    FEATURES when the signature has a second output. No GRAD: see ``surrogate``.
     """
 
     def __init__(self, model_bytes: bytes, precision: str, input_shape: tuple[int, int, int],
@@ -268,7 +308,7 @@ class TfliteClassifier(Classifier):
         self.precision = precision
         self.device = torch.device("cpu")
         self.input_shape = tuple(input_shape)
-        self.interpreter = _interpreter(self.model_bytes, threads)
+        self.interpreter = _interpreter(self.model_bytes, threads, precision)
         self.runner = self.interpreter.get_signature_runner()
         ins = self.runner.get_input_details()
         outs = self.runner.get_output_details()
@@ -612,27 +652,50 @@ def tflite_surrogate(model_bytes: bytes) -> TfliteInt8Module:
 
 
 # ----------------------------------------------------------------------------- handler
-def int8_tflite(cfg: TfliteInt8Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
-                artifact: dict | None = None) -> Classifier:
-    require_extra("ai_edge_litert", "tflite", "int8-tflite")
+def _tflite_handler(cfg: TfliteInt8Config | TfliteFP32Config, model: nn.Module, calib: TensorData | None,
+                    device: torch.device, artifact: dict | None, quantize: bool) -> Classifier:
+    """What ``int8-tflite`` (``quantize``) and ``fp32-tflite`` share: convert (or rebuild from
+    ``artifact``), run in :class:`TfliteClassifier`, count int8 kernels, record the runtime."""
+    require_extra("ai_edge_litert", "tflite", cfg.name)
     info: dict[str, Any] = {}
     if artifact is not None:
         data, shape = artifact["tflite"].numpy().tobytes(), tuple(int(s) for s in artifact["input_shape"])
+        x = None
     else:
-        x = calibration_images(calib, cfg.calib_size, "int8-tflite")
+        x = calibration_images(calib, cfg.calib_size if quantize else 8, cfg.name)  # type: ignore[union-attr]
         start = time.perf_counter()
-        data = convert_int8(model, x, cfg)
+        data = convert_tflite(model, x, cfg, quantize)
         info["conversion_seconds"] = round(time.perf_counter() - start, 3)
         shape = tuple(x.shape[1:])
     clf = TfliteClassifier(data, cfg.tag(), shape, cfg.threads)
+    if x is not None and not quantize:  # a float conversion must reproduce PyTorch's logits
+        _check_float(clf, model, x)
     clf.int8_layers = describe_int8(count_int8(clf), count_layers(model))
     clf.artifact = {"tflite": torch.frombuffer(bytearray(data), dtype=torch.uint8), "input_shape": list(shape)}
     io_dtype = clf.io_dtypes[0] if len(set(clf.io_dtypes)) == 1 else "/".join(clf.io_dtypes)
     clf.info = {"runtime": "litert", "runtime_version": _version("ai-edge-litert"),
-                "converter": f"litert-torch {_version('litert-torch')}", "simulated": False,
-                "calib_size": cfg.calib_size, "calibration": cfg.calibration, "per_channel": cfg.per_channel,
-                "io_dtype": io_dtype, **info}
-    sur = tflite_surrogate(data)
+                "converter": f"litert-torch {_version('litert-torch')}", "simulated": False, "io_dtype": io_dtype}
+    if quantize:
+        clf.info.update({"calib_size": cfg.calib_size, "calibration": cfg.calibration,  # type: ignore[union-attr]
+                         "per_channel": cfg.per_channel})  # type: ignore[union-attr]
+    clf.info.update(info)
+    return clf
+
+
+def _check_float(clf: TfliteClassifier, model: nn.Module, x: torch.Tensor, rtol: float = 1e-3) -> None:
+    """One-line error if the float32 ``.tflite`` does not reproduce PyTorch's logits on ``x``."""
+    with torch.no_grad():
+        ref = copy.deepcopy(model).cpu().float().eval()(x)
+    diff = float((clf.logits(x) - ref).abs().max())
+    if not diff <= rtol * max(1.0, float(ref.abs().max())):
+        raise BackdoorLabError(f"{clf.precision}: the float32 TFLite model does not reproduce the PyTorch logits "
+                               f"(max difference {diff:.3g})")
+
+
+def int8_tflite(cfg: TfliteInt8Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
+                artifact: dict | None = None) -> Classifier:
+    clf = _tflite_handler(cfg, model, calib, device, artifact, quantize=True)
+    sur = tflite_surrogate(clf.model_bytes)
     two = len(sur.outputs) > 1
     caps = {Capability.GRAD, Capability.FEATURES} if two else {Capability.GRAD}
     clf.surrogate = TorchClassifier(DualOutput(sur) if two else sur, precision=f"{cfg.tag()}/surrogate",
@@ -640,5 +703,13 @@ def int8_tflite(cfg: TfliteInt8Config, model: nn.Module, *, calib: TensorData | 
     return clf
 
 
-__all__ = ["TfliteClassifier", "TfliteInt8Config", "TfliteInt8Module", "convert_int8", "count_int8", "int8_tflite",
-           "tflite_surrogate"]
+def fp32_tflite(cfg: TfliteFP32Config, model: nn.Module, *, calib: TensorData | None, device: torch.device,
+                artifact: dict | None = None) -> Classifier:
+    clf = _tflite_handler(cfg, model, calib, device, artifact, quantize=False)
+    clf.surrogate = TorchClassifier(copy.deepcopy(model), precision=f"{cfg.tag()}/surrogate", device=device,
+                                    capabilities=frozenset({Capability.GRAD, Capability.FEATURES}))
+    return clf
+
+
+__all__ = ["TfliteClassifier", "TfliteFP32Config", "TfliteInt8Config", "TfliteInt8Module", "convert_int8",
+           "convert_tflite", "count_int8", "fp32_tflite", "int8_tflite", "tflite_surrogate"]
