@@ -3,13 +3,12 @@ synthetic rows: no training, so the whole file runs in seconds."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
+from _browser import render as _render
+from _browser import tables as _tables
 
 from backdoorlab.bench.cache import ArtifactCache
 from backdoorlab.bench.store import ResultStore, Row
@@ -87,26 +86,6 @@ def test_detection_rates_pool_seeds_and_targets_and_never_count_errors():
     assert wilson(0, 3)[0] == 0.0 and wilson(3, 3)[1] == 1.0
     text = detection_table(synthetic_rows())
     assert "0.667 [0.208, 0.939] (2/3)" in text and ERROR in text and "FPR" in text
-
-
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing in CI (.ci/run installs it)")
-        pytest.skip("chromium is not installed: the HTML report is checked in a headless browser")
-    return exe
-
-
-def _render(index, tmp_path, width: int | None = None) -> str:
-    size = [f"--window-size={width},1000"] if width else []
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           *size, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
-           index.resolve().as_uri()]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
 
 
 def _store_with_triggers(tmp_path):
@@ -190,37 +169,6 @@ def test_cli_report(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- rows without a detector, RA, short labels
-class _Cells(__import__("html.parser").parser.HTMLParser):
-    """The text of every cell of every ``<table>`` in a page: ``[(class, [[cell, ...], ...]), ...]``."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables, self._cell = [], None
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table":
-            self.tables.append((dict(attrs).get("class", ""), []))
-        elif tag == "tr" and self.tables:
-            self.tables[-1][1].append([])
-        elif tag in ("td", "th") and self.tables:
-            self._cell = []
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self.tables[-1][1][-1].append("".join(self._cell))
-            self._cell = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell.append(data)
-
-
-def _tables(page: str, cls: str | None = None) -> list[list[list[str]]]:
-    p = _Cells()
-    p.feed(page)
-    return [rows for c, rows in p.tables if cls is None or c == cls]
-
-
 def _quickstart_rows() -> list[Row]:
     """What `defenses: [none]` stores (the quickstart): models only, no detector ran."""
     rows = []

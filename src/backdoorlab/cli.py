@@ -31,6 +31,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cells = study.select(args.only)
     # names, values and data files, before anything is written (with Ray, the workers' devices are theirs)
     study.validate(args.data, cells=cells, check_device=args.executor == "local")
+    if args.dry_run:
+        print(describe_cells(study.name, cells))
+        return 0
     cells = bind_sources(cells, args.data)  # run ids by the content of the files the cells read
     store = ResultStore(_store_path(args.store))
     store.check_writable()
@@ -46,6 +49,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{len(failed)} of {len(rows)} cells failed; see `backdoorlab results`", file=sys.stderr)
         return 1
     return 0
+
+
+def describe_cells(name: str, cells) -> str:
+    """``study NAME: N cells = 2 datasets x 1 model x ... ; T trained models`` for a dry run."""
+    axes = (("dataset", "datasets"), ("model", "models"), ("attack", "attacks"), ("seed", "seeds"),
+            ("compression", "precisions"), ("defense", "defenses"))
+    counts = [(len({str(c.seed) if a == "seed" else c.labels[a] for c in cells}), w) for a, w in axes]
+    trained = len({(c.labels["dataset"], c.labels["model"], c.labels["attack"], c.seed) for c in cells})
+    return (f"study {name}: {len(cells)} cells = " + " x ".join(f"{n} {w if n != 1 else w[:-1]}" for n, w in counts)
+            + f"; {trained} trained models; nothing run (--dry-run)")
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -161,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--variant", help="run one of the study's variants (its 'variants:' settings)")
     r.add_argument("--gpu", action="store_true", help="same as --variant gpu")
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate the study (names, values, the selected cells' data files) and print its cell "
+                   "count; run and write nothing")
     r.add_argument("--only", action="append", metavar="AXIS=VALUE",
                    help="run only matching cells, e.g. --only dataset=gtsrb --only seed=0 (repeatable)")
     r.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -183,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full specs in the table (default: short labels, full specs listed below it)")
     s.set_defaults(fn=cmd_results)
 
-    h = sub.add_parser("report", help="write a self-contained HTML report (tables, figures, triggers)")
-    h.add_argument("--out", required=True, help="directory to write index.html and figures/ into")
+    h = sub.add_parser("report", help="write a self-contained HTML report (tables, figures, triggers) and the "
+                       "deployed-precision leaderboard beside it")
+    h.add_argument("--out", required=True, help="directory to write index.html, leaderboard.html and figures/ into")
     h.add_argument("--store")
     h.add_argument("--study", help="only this study")
     h.add_argument("--cache", help="artifact cache holding reversed triggers (default $BACKDOORLAB_HOME/artifacts)")

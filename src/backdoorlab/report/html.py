@@ -19,6 +19,11 @@ external resource, so the file can be mailed or archived on its own):
   red and the true target marked;
 * every failed run with its message (failures are never counted as "not detected").
 
+Beside it, ``DIR/leaderboard.html`` (:mod:`.leaderboard`): per precision, attacks x defenses tables
+(CA, ASR, DER, detection with the clean FPR beside it; sortable), heatmaps of how each cell moves
+from FP32 to each deployed precision, and a ranking of the defenses that still work as deployed.
+It is written with the report, in the same atomic step, and the index links to it.
+
 Every table fits a 1400 px window: numbers wrap only between their parts (mean | ± std,
 rate | interval | counts), labels are short, and long messages wrap anywhere.
 
@@ -58,6 +63,7 @@ from .aggregate import (
 )
 from .labels import Labels
 
+LEADERBOARD = "leaderboard.html"  # written beside index.html
 MAX_TRIGGER_GRIDS = 24  # reversed-trigger grids shown (one per row that has them)
 
 CSS = """
@@ -308,8 +314,10 @@ def _target_of(row: Row) -> int | None:
 OPTIONAL_COLUMNS = ("score", "target share", "ASR after", "CA after", "RA after")
 
 
-def build_report(rows: Sequence[Row], *, cache=None, title: str = "backdoorlab report") -> tuple[str, dict[str, bytes]]:
-    """``(index.html text, {relative png path: bytes})`` for ``rows``."""
+def build_report(rows: Sequence[Row], *, cache=None, title: str = "backdoorlab report",
+                 leaderboard: str | None = None) -> tuple[str, dict[str, bytes]]:
+    """``(index.html text, {relative png path: bytes})`` for ``rows``; ``leaderboard``: the relative
+    path of the leaderboard page written beside it, which the index then links to."""
     groups = aggregate(rows)
     labels = group_labels([r for r in rows if r.status in ("ok", "error")])
     files: dict[str, bytes] = {}
@@ -348,6 +356,9 @@ def build_report(rows: Sequence[Row], *, cache=None, title: str = "backdoorlab r
     if any(g.target_share is not None for g in groups):
         notes.append("Target share: runs whose flagged labels include the true target.")
     parts.append(f'<p class="note">{" ".join(notes)}</p>')
+    if leaderboard:
+        parts.append(f'<p class="note">The <a href="{_e(leaderboard)}">leaderboard</a> ranks the defenses that still '
+                     "work as deployed and shows, per precision, attacks × defenses with intervals over seeds.</p>")
 
     settings = [(st, *s) for st in studies for s in labels.settings(st)]
     if settings:
@@ -425,7 +436,8 @@ def build_report(rows: Sequence[Row], *, cache=None, title: str = "backdoorlab r
 
 def write_report(rows: Sequence[Row], out: str | os.PathLike, *, cache=None,
                  title: str = "backdoorlab report") -> Path:
-    """Write ``out/index.html`` and ``out/figures/*.png`` atomically; returns the index path.
+    """Write ``out/index.html``, ``out/leaderboard.html`` and ``out/figures/*.png`` atomically;
+    returns the index path.
 
     ``out`` may be absent or a previous report (a directory holding ``index.html``), which is
     replaced; any other existing path is refused rather than overwritten.
@@ -435,7 +447,11 @@ def write_report(rows: Sequence[Row], out: str | os.PathLike, *, cache=None,
     out = Path(out)
     if out.exists() and not (out.is_dir() and ((out / "index.html").exists() or not any(out.iterdir()))):
         raise BackdoorLabError(f"--out {out} exists and is not an earlier report; choose a new directory")
-    page, files = build_report(rows, cache=cache, title=title)
+    from .leaderboard import build_leaderboard
+
+    page, files = build_report(rows, cache=cache, title=title, leaderboard=LEADERBOARD)
+    lb_title = title.replace("backdoorlab report", "backdoorlab leaderboard", 1)
+    files = {**files, LEADERBOARD: build_leaderboard(rows, title=lb_title).encode("utf-8")}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

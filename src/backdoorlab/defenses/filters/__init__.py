@@ -4,13 +4,18 @@ Registered here (importing this package registers them in :data:`~backdoorlab.de
 
 * ``activation-clustering``: Activation Clustering (Chen et al., 2019), :mod:`.activation_clustering`.
 * ``spectral-signatures``: Spectral Signatures (Tran, Li, Madry, NeurIPS 2018), :mod:`.spectral_signatures`.
+* ``scan-filter``: SCAn (Tang, Wang, Tang, Zhang, USENIX Security 2021), :mod:`.scan_filter`; named so as
+  not to clash with the ``scan`` command.
+* ``spectre``: SPECTRE (Hayase, Kong, Somani, Oh, ICML 2021), :mod:`.spectre`.
 
-Both read the deployed artifact's penultimate features (``FEATURES``, black box).
+All read the deployed artifact's penultimate features (``FEATURES``, black box).
 """
 
 from __future__ import annotations
 
 from .activation_clustering import ActivationClustering
+from .scan_filter import SCAnFilter
 from .spectral_signatures import SpectralSignatures
+from .spectre import Spectre
 
-__all__ = ["ActivationClustering", "SpectralSignatures"]
+__all__ = ["ActivationClustering", "SCAnFilter", "SpectralSignatures", "Spectre"]
