@@ -38,7 +38,7 @@ _spec.loader.exec_module(bench)
 MEASURED: dict[str, tuple[float, float, float]] = {
     "adaptive-blend": (0.9575, 0.0332, 0.0),
     "adaptive-patch": (0.959, 0.1698, 0.0),
-    "blind": (0.9145, 0.9995, 0.0),
+    "blind": (0.8915, 1.0, 0.0),  # 5 epochs (TEST_TRAIN)
     "bpp": (0.961, 0.7126, 0.0),
     "cassock": (0.9585, 0.9922, 0.0),
     "dfb": (0.9655, 0.0, 0.0),
@@ -72,6 +72,11 @@ LEARNED = 0.2
 # LF's trigger search stops after 5 passes here (its default: up to 50, ending on a plateau after
 # 14 on seed 0, 2 min of the run); the trigger reaches the same ASR (BENCHMARKS.md)
 TEST_BUDGET = {"lf": {"name": "lf", "max_passes": 5}}
+# Blind's multi-objective step costs three forward/backward passes: 190 s at 10 epochs, the costliest
+# model of the run. At 5 epochs it is still learned (ASR 1.000, CA 0.8915 against 0.9145;
+# benchmarks/results/attacks_gtsrb_5epochs.json). Halving every attack's budget is not an option:
+# at 5 epochs Object trains to CA 0.289, LC to 0.712 and Filter to 0.790 (same JSON).
+TEST_TRAIN = {"blind": {"epochs": 5}}
 
 
 def _specs() -> dict[str, object]:
@@ -104,7 +109,7 @@ CASES = [pytest.param(n, marks=pytest.mark.slow) if n in NOT_LEARNED_SLOW else n
 @pytest.mark.parametrize("name", CASES)
 def test_attack_is_learned_and_a_clean_model_ignores_it(name, clean):
     ca, asr, clean_asr = MEASURED[name]
-    t = trained_gtsrb(SPECS[name])
+    t = trained_gtsrb(SPECS[name], train=TEST_TRAIN.get(name))
     m = evaluate(TorchClassifier(t.model), t.bundle.test, t.attack)
     assert m["ca"] >= ca - CA_MARGIN, m
     assert m["asr"] >= asr - ASR_MARGINS.get(name, ASR_MARGIN), m
