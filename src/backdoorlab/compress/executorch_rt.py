@@ -61,6 +61,7 @@ from .base import CalibratedConfig, CompressionConfig
 from .calib import calibration_images
 from .layers import count_layers, describe_int8
 from .pt2e import (
+    TwoOutputClassifier,
     _one_line,
     count_quantized,
     example_batch,
@@ -111,7 +112,7 @@ def _check_common(cfg: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- the classifier
-class ExecutorchClassifier(Classifier):
+class ExecutorchClassifier(TwoOutputClassifier):
     """A ``.pte`` program in ExecuTorch's Python runtime (XNNPACK delegate, CPU).
 
     ``logits(x)``: ``(N, C, H, W)`` float in [0, 1] -> ``(N, K)`` float32 (CPU), in chunks of at most
@@ -146,14 +147,6 @@ class ExecutorchClassifier(Classifier):
             logits.append(out[0].clone())
             feats.append(out[1].clone())
         return torch.cat(logits), torch.cat(feats)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x)[0].float()
-
-    def features(self, x: torch.Tensor, layer: str = "penultimate") -> torch.Tensor:
-        if layer != "penultimate":
-            raise BackdoorLabError(f"{self.precision} classifier exposes only the penultimate features")
-        return self._run(x)[1].float()
 
     @property
     def size_bytes(self) -> int:

@@ -293,7 +293,23 @@ def pt2e_surrogate(converted: fx.GraphModule) -> fx.GraphModule:
 
 
 # ----------------------------------------------------------------------------- the classifier
-class Pt2eClassifier(Classifier):
+class TwoOutputClassifier(Classifier):
+    """A deployed program returning ``(logits, penultimate features)``: subclasses implement
+    ``_run(x) -> (logits (N, K), features (N, D))``; shared by the PT2E and ExecuTorch artifacts."""
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)[0].float()
+
+    def features(self, x: torch.Tensor, layer: str = "penultimate") -> torch.Tensor:
+        if layer != "penultimate":
+            raise BackdoorLabError(f"{self.precision} classifier exposes only the penultimate features")
+        return self._run(x)[1].float()
+
+
+class Pt2eClassifier(TwoOutputClassifier):
     """A converted PT2E program compiled by Inductor (``freezing=True``): oneDNN int8 kernels.
 
     ``logits(x)``: ``(N, C, H, W)`` float in [0, 1] -> ``(N, K)`` float32 (CPU); ``features(x)``:
@@ -326,14 +342,6 @@ class Pt2eClassifier(Classifier):
             self.info["compile_s"] = round(self.info["compile_s"] + time.perf_counter() - t0, 3)
             self.info["compiles"] += 1
         return out[0], out[1]
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x)[0].float()
-
-    def features(self, x: torch.Tensor, layer: str = "penultimate") -> torch.Tensor:
-        if layer != "penultimate":
-            raise BackdoorLabError(f"{self.precision} classifier exposes only the penultimate features")
-        return self._run(x)[1].float()
 
     @property
     def size_bytes(self) -> int:
