@@ -12,7 +12,7 @@ they are a reference for the order of magnitude, not a target this small CNN mus
 
 Usage: python benchmarks/bench_attacks.py [--dataset gtsrb|cifar10] [--seeds 0 1 2]
        [--attacks badnets sig ...] [--compress fp32 int8-torch int8-ort int4-w prune-l1-50]
-       [--train JSON] [--store PATH] [--out PATH]            (needs BACKDOORLAB_DATA)
+       [--train JSON] [--model NAME|JSON] [--store PATH] [--out PATH]            (needs BACKDOORLAB_DATA)
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ def main() -> int:
     ap.add_argument("--compress", nargs="+", default=COMPRESS)
     ap.add_argument("--no-variants", action="store_true", help="each attack's preset only, not its VARIANTS")
     ap.add_argument("--train", help="JSON overriding the training recipe")
+    ap.add_argument("--model", default="small-cnn",
+                    help="model name or JSON spec (the tests' library check: "
+                         "'{\"name\": \"small-cnn\", \"widths\": [16, 32, 64, 128]}')")
     ap.add_argument("--store", help="result store (default $BACKDOORLAB_HOME/bench_attacks.sqlite)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -119,6 +122,10 @@ def main() -> int:
     except json.JSONDecodeError as exc:
         ap.error(f"--train is not JSON: {exc}")
     try:
+        model = json.loads(args.model) if args.model.lstrip().startswith("{") else args.model
+    except json.JSONDecodeError as exc:
+        ap.error(f"--model is not JSON: {exc}")
+    try:
         names = [json.loads(a) if a.lstrip().startswith("{") else a for a in args.attacks or data_poisoning_attacks()]
     except json.JSONDecodeError as exc:
         ap.error(f"--attacks: a spec is not JSON: {exc}")
@@ -126,7 +133,7 @@ def main() -> int:
                *[n for n in names if isinstance(n, dict)]]
     try:
         study = Study.from_dict({"name": f"bench-attacks-{args.dataset}", "datasets": [DATASETS[args.dataset]],
-                                 "models": ["small-cnn"], "attacks": ["none", *attacks], "compress": args.compress,
+                                 "models": [model], "attacks": ["none", *attacks], "compress": args.compress,
                                  "seeds": args.seeds, "train": train})
         study.validate()
     except BackdoorLabError as exc:
@@ -166,7 +173,7 @@ def main() -> int:
                           f"{bb[0]:.1f} / {bb[1]:.1f}" if bb else "",
                           f"{stats['prep_wall'][0]:.0f}" if not math.isnan(stats["prep_wall"][0]) else "0",
                           f"{stats['train_wall'][0]:.0f}", "; ".join(errors)[:60]])
-    path = write(f"attacks_{args.dataset}", {"dataset": DATASETS[args.dataset], "train": train, "seeds": args.seeds,
+    path = write(f"attacks_{args.dataset}", {"dataset": DATASETS[args.dataset], "model": model, "train": train, "seeds": args.seeds,
                                              "compress": args.compress, "rows": out_rows},
                  args.out)
     print(table(["attack", "precision", "seeds", "CA", "ASR", "RA", "BackdoorBench PreAct CA / ASR",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import sqlite3
 import sys
 import threading
@@ -342,6 +343,35 @@ class Pipeline:
         self._models = {key: (model, meta, state)}  # keep the latest model only
         return model, meta
 
+    def retrain(self, cell: Cell, poisoned: Poisoned, attack: Attack, keep: torch.Tensor) -> nn.Module | None:
+        """A training-data filter's retraining step: the cell's model trained again from scratch,
+        with the recipe and seed of :meth:`train`, on the samples of the received training set
+        where the ``(N,)`` bool ``keep`` is true; cached under the train stage, keyed by the
+        training config and a digest of ``keep``. ``None`` for an attack that poisons during
+        training (a training hook) or starts from another model: removing samples cannot remove
+        those backdoors, and there is nothing to retrain on."""
+        if attack.train_hook() is not None or attack.init_from() is not None:
+            return None
+        info = self.data(cell.dataset).info
+        keep = keep.bool().cpu()
+        digest = hashlib.sha256(keep.numpy().tobytes()).hexdigest()[:16]
+        key = ArtifactCache.key("train", {**self._train_cfg(cell, attack), "retrain_keep": digest}, poisoned.key)
+        torch.manual_seed(derive_seed(cell.seed, "init"))
+        model = build_model(cell.model, info.num_classes, info.channels, info.mean, info.std)
+        with self.cache.lock("train", key):
+            rec = self.cache.get("train", key)
+            if rec is None:
+                self.log(f"retraining {cell.labels['model']} on {int(keep.sum())} of {len(keep)} samples kept by "
+                         f"a filter (train key {key})")
+                result = fit(model, poisoned.split.data.subset(torch.nonzero(keep).flatten()),
+                             attack.train_config(cell.train), generator=generator(cell.seed, "train"),
+                             device=self.device, crop_pad=info.crop_pad, hflip=info.hflip, progress=self.progress)
+                rec = {"state_dict": result.model.cpu().state_dict(),
+                       "meta": {"train_wall": result.wall_time, "key": key, "n_kept": int(keep.sum())}}
+                self.cache.put("train", key, rec)
+        model.load_state_dict(rec["state_dict"])
+        return model.eval()
+
     def compress(self, cell: Cell, model: nn.Module, poisoned: Poisoned, train_key: str) -> tuple[Classifier, str]:
         """The deployed classifier of ``cell.compression``, calibrated on the defender's holdout.
 
@@ -418,7 +448,7 @@ class Pipeline:
             generator=generator(cell.seed, "defense", canonical_json(cell.defense)), device=self.device,
             train=poisoned.split.data, model=model,
             redeploy=lambda m: compress(cell.compression, m, calib=poisoned.holdout, device=self.device),
-            progress=bool(self.progress))
+            progress=bool(self.progress), retrain=lambda keep: self.retrain(cell, poisoned, attack, keep))
         truth = Truth(attack, poisoned.split.is_poisoned, self.data(cell.dataset).test,
                       before={k: before[k] for k in ("ca", "asr", "ra")}, tta=cell.tta,
                       reference_model=self.reference_model(cell) if self._wants_reference(defense, attack, before)

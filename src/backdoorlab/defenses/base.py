@@ -44,7 +44,10 @@ class DefenseContext:
     victim received it (possibly poisoned; for filters). ``model``: the FP32 model the artifact
     was deployed from (for removers, which must retrain). ``redeploy(model)``: compresses a
     repaired FP32 model exactly as the cell's artifact was compressed (recalibrating on
-    ``clean``). ``generator``: the only source of randomness.
+    ``clean``). ``generator``: the only source of randomness. ``retrain(keep)``: the victim's
+    model trained again from scratch with the cell's recipe on the training samples where the
+    ``(N,)`` bool ``keep`` is true (a filter's retraining step); it returns ``None`` where the
+    attack poisons during training (a training hook) rather than in the data.
     """
 
     clf: Classifier
@@ -56,6 +59,7 @@ class DefenseContext:
     model: nn.Module | None = None
     redeploy: Callable[[nn.Module], Classifier] | None = None
     progress: bool = False
+    retrain: Callable[[torch.Tensor], nn.Module | None] | None = None
 
     def deploy(self, model: nn.Module) -> Classifier:
         """A remover's repaired FP32 ``model`` deployed as the cell deploys (``redeploy``), or as
@@ -157,6 +161,9 @@ class Filter(Defense):
 
     kind = "filter"
     minority_assumption: ClassVar[bool] = False
+    # retrain on the kept samples and report CA / ASR after it (the option ``retrain`` every filter
+    # takes; the default is the paper's: Spectral Signatures retrains, see the subclass)
+    retrain: bool = False
 
     def filter(self, ctx: DefenseContext) -> FilterResult:
         raise NotImplementedError
@@ -183,16 +190,26 @@ class DefenseRegistry(Registry[Any]):
     Every remover also takes ``order`` (``fp32-first``, the default, or ``deploy-first``; see
     :mod:`.order`) and ``dormancy`` (``false``, or the settings of the dormant-backdoor
     measurement, :class:`~.dormant.Dormancy`): they are set on the built remover, not passed to
-    its ``__init__``, and enter the run id like any parameter."""
+    its ``__init__``, and enter the run id like any parameter. Every filter likewise takes
+    ``retrain`` (true or false): train the victim's model again on the samples it keeps and report
+    CA / ASR after that (the last step of Spectral Signatures' paper, its default there)."""
 
     # options every remover takes, set on the built remover rather than passed to its __init__
     REMOVER_OPTIONS = ("order", "dormancy")
+    FILTER_OPTIONS = ("retrain",)
 
     def _split_options(self, spec: Any) -> tuple[Any, dict[str, Any]]:
         from .dormant import dormancy_settings
         from .order import ORDERS
 
         name, params = split_spec(spec)
+        if "retrain" in params:
+            cls = self.get(name)
+            if not (isinstance(cls, type) and issubclass(cls, Filter)):
+                raise BackdoorLabError(f"defense {name!r}: retrain applies to training-data filters only")
+            if not isinstance(params["retrain"], bool):
+                raise BackdoorLabError(f"defense {name!r}: retrain must be true or false, got {params['retrain']!r}")
+            return {"name": name, **{k: v for k, v in params.items() if k != "retrain"}}, {"retrain": params["retrain"]}
         opts = {k: params[k] for k in self.REMOVER_OPTIONS if k in params}
         if not opts:
             return spec, {}
@@ -210,7 +227,8 @@ class DefenseRegistry(Registry[Any]):
         return {"name": name, **{k: v for k, v in params.items() if k not in opts}}, out
 
     def check_params(self, name: str, params: Any) -> None:
-        super().check_params(name, {k: v for k, v in params.items() if k not in self.REMOVER_OPTIONS})
+        skip = (*self.REMOVER_OPTIONS, *self.FILTER_OPTIONS)
+        super().check_params(name, {k: v for k, v in params.items() if k not in skip})
 
     def build(self, spec: Any, **extra: Any) -> Any:
         spec, opts = self._split_options(spec)

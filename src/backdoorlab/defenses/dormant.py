@@ -135,7 +135,9 @@ def bec(backdoored: nn.Module, repaired: nn.Module, clean: nn.Module, x: torch.T
     """Backdoor existence coefficient of ``repaired`` (see the module docstring).
 
     ``x``: ``(N, C, H, W)`` clean images in [0, 1]; ``x_trig``: the same images with the trigger
-    (paired, for the trigger activation change). The three models share one architecture.
+    (paired, for the trigger activation change). The backdoored and clean models share one
+    architecture; the repaired one has a module at each of its probe points (a repair may insert
+    layers between them, as Neural Polarizer does, and is then read at the same points).
     Returns ``bec`` (mean over conv layers of the normalised similarity; ``None`` if no layer
     tells the backdoored model from a clean one), ``bec_layers`` (per layer, ``None`` where the
     clean model's CKA is within ``MIN_GAP`` of 1), ``bec_cka_repaired`` and ``bec_cka_clean``
@@ -143,7 +145,8 @@ def bec(backdoored: nn.Module, repaired: nn.Module, clean: nn.Module, x: torch.T
     check(0 < top <= 1, f"bec: top must be in (0, 1], got {top!r}")
     device = torch.device(device)
     layers = conv_layers(backdoored)
-    check(bool(layers) and layers == conv_layers(repaired) == conv_layers(clean),
+    named = dict(repaired.named_modules())
+    check(bool(layers) and layers == conv_layers(clean) and all(n in named for n in layers),
           "bec: the backdoored, repaired and clean models must share one architecture with conv layers")
     a_clean = conv_outputs(backdoored, x, layers, device)
     a_trig = conv_outputs(backdoored, x_trig, layers, device)

@@ -160,24 +160,53 @@ def _score_filter(flt: Filter, ctx: DefenseContext, truth: Truth) -> dict[str, A
     else:
         out.update(auroc=None, defense_score=None, removal_recall=None, removal_precision=0.0)
     out.update(res.metrics)
-    share = _target_poison_share(truth, ctx)
-    if share is not None:
-        out["target_poison_share"] = share
+    most = _poison_share(truth, ctx)
+    if most is not None:
+        cls, share = most
+        out.update(poison_class=cls, poison_class_share=share)
+        if truth.target is not None and cls == truth.target:  # the field earlier rows carry (all-to-one)
+            out["target_poison_share"] = share
         if flt.minority_assumption and share > 0.5:
             # the method looks for poison as the minority of its class; here it is the majority,
             # so a flag (or its absence) would come from an inverted assumption: no verdict
             out["detected"] = None
-            out["assumption"] = (f"poison is {share:.0%} of target class {truth.target}: {flt.name} assumes it is "
+            out["assumption"] = (f"poison is {share:.0%} of class {cls}: {flt.name} assumes it is "
                                  "a minority of its class; no verdict")
+    if getattr(flt, "retrain", False):
+        out.update(_retrain(flt, ctx, truth, ~res.removed.bool().cpu()))
     return out
 
 
-def _target_poison_share(truth: Truth, ctx: DefenseContext) -> float | None:
-    """Share of the all-to-one target class's training samples that are poisoned (ground truth)."""
-    if truth.target is None or ctx.train is None or not truth.poisoned.any():
+def _poison_share(truth: Truth, ctx: DefenseContext) -> tuple[int, float] | None:
+    """The class (by training label) whose samples are most often poisoned, and that share (ground
+    truth): the target class of all-to-one, source-specific and clean-label attacks; for
+    all-to-all attacks the poison spreads over the classes and the largest share is small."""
+    if ctx.train is None or not truth.poisoned.any():
         return None
-    in_class = ctx.train.y.cpu() == truth.target
-    return float(truth.poisoned.bool().cpu()[in_class].float().mean()) if in_class.any() else None
+    y = ctx.train.y.cpu().long()
+    bad = truth.poisoned.bool().cpu()
+    total = torch.bincount(y, minlength=ctx.num_classes).double()
+    share = torch.bincount(y[bad], minlength=ctx.num_classes).double() / total.clamp(min=1)
+    cls = int(share.argmax())
+    return cls, float(share[cls])
+
+
+def _retrain(flt: Filter, ctx: DefenseContext, truth: Truth, keep: torch.Tensor) -> dict[str, Any]:
+    """The filter's last step in its paper (Spectral Signatures, SCAn, ...): train the victim's
+    model again, with the cell's recipe, on the samples the filter kept, deploy it as the cell
+    deploys, and score it: ``ca_after_retrain``, ``asr_after_retrain``, ``ra_after_retrain``."""
+    from ..bench.pipeline import evaluate
+
+    if ctx.retrain is None:
+        return {"retrain_skipped": "no training recipe in this context (only a study cell retrains)"}
+    start = time.perf_counter()
+    model = ctx.retrain(keep)
+    if model is None:
+        return {"retrain_skipped": f"attack {truth.attack.name!r} poisons during training (a training hook), "
+                                   "not in the data: removing samples cannot remove it"}
+    after = evaluate(ctx.deploy(model), truth.test, truth.attack, tta=truth.tta)
+    return {"ca_after_retrain": after["ca"], "asr_after_retrain": after["asr"], "ra_after_retrain": after["ra"],
+            "n_retrain": int(keep.sum()), "retrain_wall": time.perf_counter() - start}
 
 
 def _score_remover(rem: Remover, ctx: DefenseContext, truth: Truth) -> dict[str, Any]:

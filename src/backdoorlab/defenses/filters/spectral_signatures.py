@@ -23,6 +23,12 @@ spiky spectra by sampling alone and get no verdict), the MAD anomaly index
 ``(s_k - median) / (1.4826 * MAD)`` is computed and classes above ``anomaly_threshold=2`` (high
 side only) are flagged; ``detected = bool(flagged)``.
 
+Retraining (the paper's Section 4 evaluates the network trained again on the data that survive
+the removal): in a study cell the filter's row carries ``ca_after_retrain``, ``asr_after_retrain``
+and ``ra_after_retrain`` of the model trained from scratch with the cell's recipe on the kept
+samples and deployed as the cell deploys (:func:`~backdoorlab.defenses.evaluate.run_defense`;
+``retrain: false`` skips it). Outside a study (no recipe in the context) the row says it was skipped.
+
 Limitation (from the paper's analysis): the signature needs the poisoned samples to be a minority
 of their class (``eps`` small); when they are the majority, the clean minority becomes the outlier.
 """
@@ -48,6 +54,7 @@ class SpectralSignatures(Filter):
     """
 
     minority_assumption = True
+    retrain = True  # the paper's last step: train again on the kept samples (option ``retrain``)
 
     name = "spectral-signatures"
     black_box = frozenset({Capability.FEATURES})
