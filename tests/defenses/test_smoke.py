@@ -24,6 +24,8 @@ FAST: dict[str, dict] = {
     "strip": {"n": 8, "fit_size": 100},
     "scale-up": {"fit_size": 100, "eval_limit": 50},
     "teco": {"fit_size": 30, "eval_limit": 20},
+    "sentinet": {"n_overlay": 8, "fit_size": 40, "eval_limit": 30},
+    "beatrix": {"orders": 3},
     "efrap": {"iters": 20, "calib_size": 64},
     "fine-pruning": {"epochs": 1},
     "anp": {"iterations": 20},
@@ -33,6 +35,11 @@ FAST: dict[str, dict] = {
     "nad": {"teacher_epochs": 1, "epochs": 1},
     "ft": {"epochs": 1},
     "ft-sam": {"epochs": 1},
+    "abl-isolation": {"epochs": 1},
+    "abl": {"isolation_epochs": 1, "finetune_epochs": 1, "unlearning_epochs": 1},
+    "neural-polarizer": {"epochs": 1, "warm_epochs": 1},
+    "cetf": {"population": 6, "generations": 2, "fit_size": 30, "eval_limit": 20},
+    "cetf-repair": {"scan_size": 40, "epochs": 1, "detector": {"population": 6, "generations": 2, "fit_size": 30}},
 }
 KIND_FIELDS = {
     "scanner": {"flagged", "anomaly_index"},

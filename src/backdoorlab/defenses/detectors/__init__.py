@@ -5,11 +5,15 @@ Registered here (importing this package registers them in :data:`~backdoorlab.de
 * ``strip``: STRIP (Gao et al., ACSAC 2019), :mod:`.strip`.
 * ``scale-up``: SCALE-UP (Guo et al., ICLR 2023), :mod:`.scale_up`.
 * ``teco``: TeCo (Liu et al., CVPR 2023), :mod:`.teco`.
+* ``cetf``: CETF (Zhou et al., arXiv 2407.05396, 2024), :mod:`.cetf`.
+* ``sentinet``: SentiNet (Chou, Tramèr, Pellegrino, IEEE S&P Workshops (DLS) 2020), :mod:`.sentinet`.
 """
 
 from __future__ import annotations
 
+from .cetf import CETF  # noqa: E402,F401  (Zhou et al., 2024)
 from .scale_up import ScaleUp
+from .sentinet import SentiNet  # noqa: F401  (Chou et al., DLS 2020)
 from .strip import STRIP
 from .teco import TeCo
 
