@@ -173,8 +173,8 @@ def main() -> int:
                           f"{bb[0]:.1f} / {bb[1]:.1f}" if bb else "",
                           f"{stats['prep_wall'][0]:.0f}" if not math.isnan(stats["prep_wall"][0]) else "0",
                           f"{stats['train_wall'][0]:.0f}", "; ".join(errors)[:60]])
-    path = write(f"attacks_{args.dataset}", {"dataset": DATASETS[args.dataset], "model": model, "train": train, "seeds": args.seeds,
-                                             "compress": args.compress, "rows": out_rows},
+    path = write(f"attacks_{args.dataset}", {"dataset": DATASETS[args.dataset], "model": model, "train": train,
+                                             "seeds": args.seeds, "compress": args.compress, "rows": out_rows},
                  args.out)
     print(table(["attack", "precision", "seeds", "CA", "ASR", "RA", "BackdoorBench PreAct CA / ASR",
                  "prep (s)", "train (s)", "errors"], lines))

@@ -84,16 +84,17 @@ class Trained:
 _PIPE = None
 
 
-def trained_gtsrb(attack, dataset=GTSRB_SUBSET, train=None) -> Trained:
+def trained_gtsrb(attack, dataset=GTSRB_SUBSET, train=None, model="small-cnn") -> Trained:
     """The session's GTSRB model for ``attack`` (any attack spec), on the tests' subset unless
-    ``dataset`` says otherwise, with the tests' recipe updated by ``train``."""
+    ``dataset`` says otherwise, with the tests' recipe updated by ``train``, of architecture
+    ``model`` (any model spec)."""
     global _PIPE
     from backdoorlab.bench.pipeline import Pipeline
 
     need_data("gtsrb")
     if _PIPE is None:
         _PIPE = Pipeline(device="auto", progress=False)
-    study = gtsrb_study(attacks=(attack,), dataset=dataset)
+    study = gtsrb_study(attacks=(attack,), dataset=dataset, model=model)
     if train:
         import dataclasses
 

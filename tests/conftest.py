@@ -1,7 +1,12 @@
 """Session set-up. Every test session gets its own BACKDOORLAB_HOME (never the user's cache),
 removed at the end; set BACKDOORLAB_TEST_HOME to keep one across sessions while developing.
 The real image archives are read from BACKDOORLAB_DATA or the repo's sibling ../shared/data.
-Shared helpers live in _helpers.py (pyproject puts tests/ on the path)."""
+Shared helpers live in _helpers.py (pyproject puts tests/ on the path).
+
+Under pytest-xdist (the README's ``-n 2``) every worker uses the controller's home, so a model is
+trained once and shared through the artifact cache (whose cross-process lock makes a second worker
+wait for the first one's training rather than repeat it), and the cores are split between the
+workers (torch threads and ``OMP_NUM_THREADS`` for the subprocesses tests start)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _HOME: str | None = None
+_SESSION_HOME = "BACKDOORLAB_TEST_SESSION_HOME"
 
 
 def pytest_configure(config):
@@ -20,6 +26,11 @@ def pytest_configure(config):
         shared = REPO.parent / "shared" / "data"
         if shared.is_dir():
             os.environ["BACKDOORLAB_DATA"] = str(shared)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _share_cores(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        if os.environ.get(_SESSION_HOME):  # the controller's home (it removes it at the end)
+            os.environ["BACKDOORLAB_HOME"] = os.environ[_SESSION_HOME]
+            return
     keep = os.environ.get("BACKDOORLAB_TEST_HOME")  # developers: reuse trained models across sessions
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
@@ -27,6 +38,17 @@ def pytest_configure(config):
         return
     _HOME = tempfile.mkdtemp(prefix="backdoorlab-test-home-")
     os.environ["BACKDOORLAB_HOME"] = _HOME
+    os.environ[_SESSION_HOME] = _HOME  # inherited by xdist workers
+
+
+def _share_cores(workers: int) -> None:
+    """Give each of ``workers`` processes its share of the cores (at least one thread)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, workers))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def pytest_unconfigure(config):

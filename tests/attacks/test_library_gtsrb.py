@@ -5,11 +5,13 @@ the same trigger stays low.
 The specs are the benchmark's (``benchmarks/bench_attacks.py``: each attack's defaults, or its
 GTSRB preset where a default cannot run there, e.g. clean-label attacks at target 1, rate 0.06).
 Models are trained once per session through the cached pipeline with the tests' recipe
-(``_helpers.GTSRB_TRAIN``: small-cnn, 10 epochs; about 30 s each on 2 idle cores), the same cells
-the benchmark trains, so ``MEASURED`` is its seed-0 row (``python benchmarks/bench_attacks.py
---seeds 0``; table and causes of the low figures in BENCHMARKS.md, "Every attack on the GTSRB
-subset"). Attack-specific behaviour (CASSOCK's source classes, LSP against Neural Cleanse, DFB's
-data access, SIG's clean labels ...) is tested in each attack's own module.
+(``_helpers.GTSRB_TRAIN``, 10 epochs) on a narrow small-cnn (``MODEL``: half the default widths,
+3.3x faster to train on 2 cores, about 18 s per model; the default width took 61 s, and 17 of them
+alone took 19 minutes of the default run), the same cells the benchmark trains with ``--model``, so
+``MEASURED`` is its seed-0 row (the command at ``MEASURED``). The default-width figures and the
+causes of the low ones are in BENCHMARKS.md, "Every attack on the GTSRB subset". Attack-specific
+behaviour (CASSOCK's source classes, LSP against Neural Cleanse, DFB's data access, SIG's clean
+labels ...) is tested in each attack's own module.
 """
 
 from __future__ import annotations
@@ -31,39 +33,53 @@ _spec = importlib.util.spec_from_file_location("bench_attacks", _BENCH / "bench_
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-# seed 0, the tests' recipe: (CA, ASR, a clean model's ASR on the attack's trigger). The low ASRs
-# are findings with a measured cause in BENCHMARKS.md: Adaptive-Blend/-Patch at the authors' 0.3%
-# (17 images here; 0.52 / 0.89 with the paper's 150), WaNet (0.68 with s = 1), Refool, BPP, and
-# DFB (0.000: with 35 target images the surrogate never learns the target class)
+# seed 0, the tests' recipe, the narrow MODEL: (CA, ASR, a clean model's ASR on the attack's trigger),
+# from `BACKDOORLAB_HOME=... python benchmarks/bench_attacks.py --seeds 0 --compress fp32 --no-variants
+# --model '{"name": "small-cnn", "widths": [16, 32, 64, 128]}' --attacks ... --out
+# benchmarks/results/attacks_gtsrb_narrow.json` (its "machine" names the CPU). The low ASRs are findings
+# with a measured cause in BENCHMARKS.md: Adaptive-Blend/-Patch at the authors' 0.3% (17 images here;
+# 0.52 / 0.89 with the paper's 150), WaNet (0.68 with s = 1), Refool, BPP, and DFB (0.001: with 35
+# target images the surrogate never learns the target class)
 MEASURED: dict[str, tuple[float, float, float]] = {
-    "adaptive-blend": (0.9575, 0.0332, 0.0),
-    "adaptive-patch": (0.959, 0.1698, 0.0),
-    "blind": (0.8915, 1.0, 0.0),  # 5 epochs (TEST_TRAIN)
-    "bpp": (0.961, 0.7126, 0.0),
-    "cassock": (0.9585, 0.9922, 0.0),
-    "dfb": (0.9655, 0.0, 0.0),
-    "filter": (0.9415, 0.9769, 0.0),
-    "input-aware": (0.9515, 0.8387, 0.0),
-    "lc": (0.9625, 0.8515, 0.0021),
-    "lf": (0.956, 0.9905, 0.0),
-    "lsp": (0.9645, 0.9166, 0.0),
-    "object": (0.9325, 1.0, 0.0),
-    "polygon": (0.9535, 1.0, 0.006),
-    "refool": (0.96, 0.4444, 0.0641),
-    "sig": (0.952, 0.8088, 0.07),
-    "ssba": (0.931, 0.9839, 0.0),
+    "adaptive-blend": (0.9595, 0.0578, 0.0),
+    "adaptive-patch": (0.9475, 0.0899, 0.0),
+    "blind": (0.9365, 1.0, 0.0),
+    "bpp": (0.9395, 0.6613, 0.0),
+    "cassock": (0.955, 0.9922, 0.0),
+    "dfb": (0.953, 0.001, 0.0),
+    "filter": (0.9195, 0.9804, 0.0),
+    "input-aware": (0.9485, 0.8246, 0.0),
+    "lc": (0.942, 0.9471, 0.0),
+    "lf": (0.9445, 0.9769, 0.0),
+    "lsp": (0.9545, 0.8729, 0.0),
+    "object": (0.954, 1.0, 0.0),
+    "polygon": (0.945, 1.0, 0.0),
+    "refool": (0.957, 0.4161, 0.0),
+    "sig": (0.9465, 0.8184, 0.0),
+    "ssba": (0.9145, 0.9819, 0.0),
     "trojannn": (0.9565, 1.0, 0.0),
-    "wanet": (0.922, 0.3518, 0.0),
+    "wanet": (0.9185, 0.2915, 0.0),
 }
+# the tests' architecture for this module: small-cnn at half its default widths (32, 64, 128, 256)
+MODEL = {"name": "small-cnn", "widths": [16, 32, 64, 128]}
 CA_MARGIN = 0.03
 ASR_MARGIN = 0.05
 CLEAN_MARGIN = 0.03
-# Wider where another CPU trains another path (kernels sum in another order, and training is
-# chaotic, so another CPU is like another seed): LC's perturbations come from a surrogate trained
-# on the machine that runs the test, and CI's CPU measured ASR 0.755 for the same seed-0 cell
-# (0.8515 here); Adaptive-Patch at the authors' 17 images measured 0.170, 0.069 and 0.040 over
-# seeds 0-2 (BENCHMARKS.md).
-ASR_MARGINS = {"lc": 0.15, "adaptive-patch": 0.17}
+# Another CPU trains another path (kernels sum in another order, and training is chaotic, so another
+# CPU is like another seed: CI's CPU measured WaNet 0.245 and LC 0.755 where this one measured 0.352
+# and 0.852 for the same default-width cells). An attack between learned and saturated moves most,
+# so below ASR 0.95 the margin is the seed spread instead (Adaptive-Patch at the authors' 17 images:
+# 0.170, 0.069 and 0.040 over seeds 0-2, BENCHMARKS.md).
+PARTIAL_MARGIN = 0.15
+# LC's perturbations come from a surrogate trained on the machine that runs the test: 0.947 in the
+# benchmark, 0.782 in a test run on the same CPU with two workers, 0.755 on CI's CPU (default width).
+ASR_MARGINS = {"adaptive-patch": 0.17, "lc": 0.25}
+
+
+def _asr_margin(name: str, asr: float) -> float:
+    return ASR_MARGINS.get(name, ASR_MARGIN if asr >= 0.95 else PARTIAL_MARGIN)
+
+
 # below this measured ASR the attack is not learned at the tests' budget (a finding with its cause
 # in BENCHMARKS.md): the test then checks only that it costs no accuracy and a clean model ignores it
 LEARNED = 0.2
@@ -72,11 +88,6 @@ LEARNED = 0.2
 # LF's trigger search stops after 5 passes here (its default: up to 50, ending on a plateau after
 # 14 on seed 0, 2 min of the run); the trigger reaches the same ASR (BENCHMARKS.md)
 TEST_BUDGET = {"lf": {"name": "lf", "max_passes": 5}}
-# Blind's multi-objective step costs three forward/backward passes: 190 s at 10 epochs, the costliest
-# model of the run. At 5 epochs it is still learned (ASR 1.000, CA 0.8915 against 0.9145;
-# benchmarks/results/attacks_gtsrb_5epochs.json). Halving every attack's budget is not an option:
-# at 5 epochs Object trains to CA 0.289, LC to 0.712 and Filter to 0.790 (same JSON).
-TEST_TRAIN = {"blind": {"epochs": 5}}
 
 
 def _specs() -> dict[str, object]:
@@ -96,7 +107,7 @@ def test_every_attack_has_a_measured_behaviour():
 
 @pytest.fixture(scope="module")
 def clean():
-    return trained_gtsrb("none")
+    return trained_gtsrb("none", model=MODEL)
 
 
 # not learned at the tests' budget, so their GTSRB case checks only CA and the clean model (the key
@@ -109,10 +120,10 @@ CASES = [pytest.param(n, marks=pytest.mark.slow) if n in NOT_LEARNED_SLOW else n
 @pytest.mark.parametrize("name", CASES)
 def test_attack_is_learned_and_a_clean_model_ignores_it(name, clean):
     ca, asr, clean_asr = MEASURED[name]
-    t = trained_gtsrb(SPECS[name], train=TEST_TRAIN.get(name))
+    t = trained_gtsrb(SPECS[name], model=MODEL)
     m = evaluate(TorchClassifier(t.model), t.bundle.test, t.attack)
     assert m["ca"] >= ca - CA_MARGIN, m
-    assert m["asr"] >= asr - ASR_MARGINS.get(name, ASR_MARGIN), m
+    assert m["asr"] >= asr - _asr_margin(name, asr), m
     c = evaluate(TorchClassifier(clean.model), clean.bundle.test, t.attack)
     assert c["asr"] <= clean_asr + CLEAN_MARGIN, c
     if asr >= LEARNED:  # learned: the poisoned model follows the trigger far more often than the clean one

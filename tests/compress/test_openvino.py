@@ -48,7 +48,9 @@ def test_openvino_runs_int8_kernels_and_keeps_accuracy_and_backdoor(gtsrb, deplo
     clf, ref = deployed["int8-openvino"], deployed["fp32"]
     layers = clf.runtime_layers()
     convs = [p for k, p in layers if k == "Convolution"]
-    assert len(convs) == 6 and set(convs) == {"u8"}, layers  # u8 activations x i8 weights
+    # int8 activations x i8 weights: u8 after ReLUs; the first convolution reads the normalised image,
+    # which OpenVINO's CPU plugin ran as u8 on one CI machine and as i8 (signed) on another
+    assert len(convs) == 6 and set(convs[1:]) == {"u8"} and convs[0] in ("u8", "i8"), layers
     assert [p for k, p in layers if k == "FullyConnected"] == ["u8"], layers
     assert clf.int8_layers == "conv:6/6, linear:1/1"
     assert 3.0 <= ref.size_bytes / clf.size_bytes <= 4.5  # the IR keeps int8 weights

