@@ -43,8 +43,8 @@ FAST: dict[str, dict] = {
 }
 KIND_FIELDS = {
     "scanner": {"flagged", "anomaly_index"},
-    "detector": {"auroc", "far", "frr", "threshold"},
-    "filter": {"n_removed", "auroc", "removal_recall"},
+    "detector": {"auroc", "far", "frr", "threshold", "tpr_at_1fpr", "tpr_at_5fpr"},
+    "filter": {"n_removed", "auroc", "removal_recall", "tpr_at_1fpr", "tpr_at_5fpr"},
     "remover": {"ca_after", "asr_after", "ra_after", "der", "repaired_precision", "repair_wall"},
 }
 DORMANT_FIELDS = {"bec", "reactivated_asr_whitebox",

@@ -22,6 +22,7 @@ whenever the surrogate was used.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 from ..attacks import Attack, NoAttack
 from ..classifier import agreement
 from ..data.tensordata import TensorData
-from ..metrics import auroc, der
+from ..metrics import auroc, der, tpr_at_fpr
 from .base import DefenseContext, Detector, Filter, Remover, Scanner, pick
 
 ASR_BACKDOORED = 0.5  # a model counts as backdoored for a remover's verdict above this ASR
@@ -141,9 +142,21 @@ def _score_detector(det: Detector, ctx: DefenseContext, truth: Truth, limit: int
     frr = float((s_clean > thr).float().mean())  # clean test inputs wrongly rejected
     far = float((s_trig <= thr).float().mean())  # triggered inputs let through
     labels = torch.cat([torch.zeros(len(s_clean)), torch.ones(len(s_trig))])
-    roc = auroc(torch.cat([s_clean, s_trig]), labels)
+    scores = torch.cat([s_clean, s_trig])
+    roc = auroc(scores, labels)
     return {"detected": (1 - far) >= 0.5, "defense_score": roc, "auroc": roc, "far": far, "frr": frr,
-            "threshold": thr, "n_eval_clean": len(s_clean), "n_eval_triggered": len(s_trig)}
+            "threshold": thr, "n_eval_clean": len(s_clean), "n_eval_triggered": len(s_trig),
+            **_tprs(scores, labels)}
+
+
+def _tprs(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """TPR at 1% and 5% FPR (the threshold-free operating points beside AUROC); None where a class
+    is empty."""
+    out: dict[str, float | None] = {}
+    for name, fpr in (("tpr_at_1fpr", 0.01), ("tpr_at_5fpr", 0.05)):
+        v = tpr_at_fpr(scores, labels, fpr)
+        out[name] = None if math.isnan(v) else v
+    return out
 
 
 def _score_filter(flt: Filter, ctx: DefenseContext, truth: Truth) -> dict[str, Any]:
@@ -156,9 +169,11 @@ def _score_filter(flt: Filter, ctx: DefenseContext, truth: Truth) -> dict[str, A
         roc = auroc(res.scores.float(), poisoned.float())
         caught = int((res.removed & poisoned).sum())
         out.update(auroc=roc, defense_score=roc, removal_recall=caught / int(poisoned.sum()),
-                   removal_precision=caught / max(1, int(res.removed.sum())))
+                   removal_precision=caught / max(1, int(res.removed.sum())),
+                   **_tprs(res.scores.float(), poisoned.float()))
     else:
-        out.update(auroc=None, defense_score=None, removal_recall=None, removal_precision=0.0)
+        out.update(auroc=None, defense_score=None, removal_recall=None, removal_precision=0.0, tpr_at_1fpr=None,
+                   tpr_at_5fpr=None)
     out.update(res.metrics)
     most = _poison_share(truth, ctx)
     if most is not None:

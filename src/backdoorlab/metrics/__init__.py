@@ -62,13 +62,20 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr: float = 0.01) -> float:
-    """True-positive rate at the threshold that lets through at most ``fpr`` of the negatives."""
+    """True-positive rate of ``scores`` (higher = positive) for binary ``labels`` at the lowest
+    threshold that puts at most ``fpr`` of the negatives above it: with ``n`` negatives, at most
+    ``floor(fpr * n)`` of them score above the threshold (so with fewer than ``1 / fpr`` negatives,
+    none: the threshold is the highest negative score), and a positive counts if it scores strictly
+    above. NaN if a class is empty."""
     s = scores.detach().double().flatten().cpu()
     y = labels.detach().flatten().cpu().bool()
     if not y.any() or y.all():
         return float("nan")
-    thr = torch.quantile(s[~y], 1 - fpr)
-    return float((s[y] > thr).double().mean())
+    neg = torch.sort(s[~y], descending=True).values
+    k = int(fpr * len(neg) + 1e-9)  # negatives allowed above the threshold
+    if k >= len(neg):
+        return 1.0
+    return float((s[y] > neg[k]).double().mean())
 
 
 __all__ = ["asr", "auroc", "clean_acc", "der", "ra", "tpr_at_fpr"]
