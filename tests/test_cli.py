@@ -87,8 +87,8 @@ def test_readme_sample_comparison_tolerates_figures_only():
     mod = readme_quickstart()
     a = "[1/6] digits none: CA 0.9972  ASR 0.0000\nx  0.9944  1.0000"
     assert mod.differences(a, a.replace("0.9972", "0.9917")) == []
-    assert mod.differences(a, a.replace("0.9944", "0.9000")) == [
-        f"line 2: 0.9944 in the README, 0.9000 in a fresh run (more than {mod.TOLERANCE} apart)"]
+    assert mod.differences(a, a.replace("0.9944", "0.7000")) == [
+        f"line 2: 0.9944 in the README, 0.7000 in a fresh run (more than {mod.TOLERANCE} apart)"]
     assert len(mod.differences(a, a.replace("none", "badnets"))) == 1
     assert mod.differences(a, a + "\nmore") == ["the README's sample has 2 lines, a fresh run 3"]
 
