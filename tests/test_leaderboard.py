@@ -51,7 +51,7 @@ def test_leaderboard_studies_validate_with_the_expected_cell_counts():
         assert s.compress == ["fp32", "int8-torch", "int8-pt2e", "int8-ort", "int8-ort-qop", "int8-openvino",
                               "int8-tflite", "int8-executorch", "int4-w", "prune-l1-50"]
         assert s.seeds == [0, 1, 2] and len(s.datasets) == 2
-        assert len(s.cells()) == 2 * 1 * 25 * 3 * 10 * 31 == 46500
+        assert len(s.cells()) == 2 * 1 * 25 * 3 * 10 * 33 == 49500
     assert full.models == ["small-cnn"] and gpu.models == ["preact-resnet18"] and gpu.name == "leaderboard-gpu"
     assert (gpu.train.lr, gpu.train.epochs, gpu.train.batch_size, gpu.train.schedule) == (0.01, 100, 128, "cosine")
     assert {d.name: d.train_limit for d in full.datasets} == {"gtsrb": 6000, "cifar10": None}

@@ -26,6 +26,8 @@ FAST: dict[str, dict] = {
     "teco": {"fit_size": 30, "eval_limit": 20},
     "sentinet": {"n_overlay": 8, "fit_size": 40, "eval_limit": 30},
     "beatrix": {"orders": 3},
+    "vif": {"epochs": 2, "eval_limit": 30},
+    "aif": {"epochs": 2, "eval_limit": 30},
     "efrap": {"iters": 20, "calib_size": 64},
     "fine-pruning": {"epochs": 1},
     "anp": {"iterations": 20},

@@ -120,22 +120,26 @@ def run_defense(defense: Any, ctx: DefenseContext, truth: Truth, *, eval_limit: 
     return out, images
 
 
-def triggered_test(truth: Truth, limit: int = EVAL_LIMIT, g: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def triggered_test(truth: Truth, limit: int = EVAL_LIMIT, g: torch.Generator | None = None,
+                   labels: bool = False) -> tuple[torch.Tensor, ...]:
     """Up to ``limit`` clean test images and up to ``limit`` triggered ones (images the attack
-    may flip, with its trigger applied), both ``(n, C, H, W)`` float in [0, 1]."""
+    may flip, with its trigger applied), both ``(n, C, H, W)`` float in [0, 1]. ``labels=True``
+    also returns the clean images' labels and the triggered images' attack targets, ``(n,)``."""
     test = truth.test
     n = len(test)
     order = torch.randperm(n, generator=g) if g is not None else torch.arange(n)
     clean = test.subset(order[:limit]).float()
     counted = truth.attack.counted(test.y[order])
     trig_idx = order[counted][:limit]
-    return clean, truth.attack.apply(test.subset(trig_idx).float())
+    trig = truth.attack.apply(test.subset(trig_idx).float())
+    if not labels:
+        return clean, trig
+    return clean, trig, test.y[order[:limit]], truth.attack.target_labels(test.y[trig_idx])
 
 
 def _score_detector(det: Detector, ctx: DefenseContext, truth: Truth, limit: int = EVAL_LIMIT) -> dict[str, Any]:
     det.fit(ctx)
-    x_clean, x_trig = triggered_test(truth, limit, g=torch.Generator().manual_seed(0))
+    x_clean, x_trig, y_clean, y_target = triggered_test(truth, limit, g=torch.Generator().manual_seed(0), labels=True)
     s_clean = det.score(ctx.clf, x_clean).float().cpu()
     s_trig = det.score(ctx.clf, x_trig).float().cpu()
     thr = float(det.threshold)
@@ -144,9 +148,12 @@ def _score_detector(det: Detector, ctx: DefenseContext, truth: Truth, limit: int
     labels = torch.cat([torch.zeros(len(s_clean)), torch.ones(len(s_trig))])
     scores = torch.cat([s_clean, s_trig])
     roc = auroc(scores, labels)
-    return {"detected": (1 - far) >= 0.5, "defense_score": roc, "auroc": roc, "far": far, "frr": frr,
-            "threshold": thr, "n_eval_clean": len(s_clean), "n_eval_triggered": len(s_trig),
-            **_tprs(scores, labels)}
+    out = {"detected": (1 - far) >= 0.5, "defense_score": roc, "auroc": roc, "far": far, "frr": frr,
+           "threshold": thr, "n_eval_clean": len(s_clean), "n_eval_triggered": len(s_trig), **_tprs(scores, labels)}
+    extra = getattr(det, "extra_metrics", None)  # a detector's own numbers (VIF's filtered CA / ASR)
+    if extra is not None:
+        out.update(extra(ctx.clf, x_clean, y_clean, x_trig, y_target))
+    return out
 
 
 def _tprs(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
