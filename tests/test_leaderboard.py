@@ -71,7 +71,7 @@ def test_dry_run_validates_with_data_and_counts_cells(capsys):
         "study leaderboard-cpu: 252 cells = 1 dataset x 1 model x 6 attacks x 1 seed x 7 precisions x 6 defenses; "
         "6 trained models; nothing run (--dry-run)")
     assert main(["run", str(STUDIES / "leaderboard.yaml"), "--gpu", "--dry-run", "--only", "seed=0"]) == 0
-    assert capsys.readouterr().out.startswith("study leaderboard-gpu: 12000 cells = 2 datasets x 1 model x 25 attacks")
+    assert capsys.readouterr().out.startswith("study leaderboard-gpu: 16500 cells = 2 datasets x 1 model x 25 attacks")
 
 
 # ---------------------------------------------------------------- a synthetic store
