@@ -35,7 +35,8 @@ BACKDOORBENCH_GTSRB_BADNETS = {"fine-pruning": (98.2, 0.1), "nad": (98.7, 0.6), 
                                "i-bau": (96.5, 0.0)}
 DATASET = {"name": "gtsrb", "train_limit": 6000, "test_limit": 2000}
 TRAIN = {"epochs": 10, "batch_size": 128, "lr": 0.1, "crop_pad": 0}  # the tests' recipe
-REPAIRS = ["ft", "ft-sam", "nad", "fine-pruning", "anp", "clp", "rnp", "i-bau", "sau"]
+REPAIRS = ["ft", "ft-sam", "nad", "fine-pruning", "anp", "clp", "rnp", "i-bau", "sau", "strategic-retraining",
+           "pivotal-tuning"]
 BUDGET = {"anp": {"iterations": 100, "max_acc_drop": 0.02},
           "sau": {"n_rounds": 8, "batch_size": 32, "lr": 0.001},
           "i-bau": {"lr": 0.0003}}

@@ -51,7 +51,7 @@ def test_leaderboard_studies_validate_with_the_expected_cell_counts():
         assert s.compress == ["fp32", "int8-torch", "int8-pt2e", "int8-ort", "int8-ort-qop", "int8-openvino",
                               "int8-tflite", "int8-executorch", "int4-w", "prune-l1-50"]
         assert s.seeds == [0, 1, 2] and len(s.datasets) == 2
-        assert len(s.cells()) == 2 * 1 * 25 * 3 * 10 * 33 == 49500
+        assert len(s.cells()) == 2 * 1 * 25 * 3 * 10 * 36 == 54000
     assert full.models == ["small-cnn"] and gpu.models == ["preact-resnet18"] and gpu.name == "leaderboard-gpu"
     assert (gpu.train.lr, gpu.train.epochs, gpu.train.batch_size, gpu.train.schedule) == (0.01, 100, 128, "cosine")
     assert {d.name: d.train_limit for d in full.datasets} == {"gtsrb": 6000, "cifar10": None}
@@ -71,7 +71,7 @@ def test_dry_run_validates_with_data_and_counts_cells(capsys):
         "study leaderboard-cpu: 252 cells = 1 dataset x 1 model x 6 attacks x 1 seed x 7 precisions x 6 defenses; "
         "6 trained models; nothing run (--dry-run)")
     assert main(["run", str(STUDIES / "leaderboard.yaml"), "--gpu", "--dry-run", "--only", "seed=0"]) == 0
-    assert capsys.readouterr().out.startswith("study leaderboard-gpu: 16500 cells = 2 datasets x 1 model x 25 attacks")
+    assert capsys.readouterr().out.startswith("study leaderboard-gpu: 18000 cells = 2 datasets x 1 model x 25 attacks")
 
 
 # ---------------------------------------------------------------- a synthetic store

@@ -36,12 +36,16 @@ FAST: dict[str, dict] = {
     "sau": {"n_rounds": 1},
     "nad": {"teacher_epochs": 1, "epochs": 1},
     "ft": {"epochs": 1},
+    "strategic-retraining": {"seeds_per_class": 1, "top_n_neurons": 2, "re_steps": 5, "max_iterations": 1,
+                             "epochs": 1},
     "ft-sam": {"epochs": 1},
     "abl-isolation": {"epochs": 1},
     "abl": {"isolation_epochs": 1, "finetune_epochs": 1, "unlearning_epochs": 1},
     "neural-polarizer": {"epochs": 1, "warm_epochs": 1},
     "cetf": {"population": 6, "generations": 2, "fit_size": 30, "eval_limit": 20},
     "cetf-repair": {"scan_size": 40, "epochs": 1, "detector": {"population": 6, "generations": 2, "fit_size": 30}},
+    "pivotal-tuning": {"steps": 2},
+    "calibrated-trigger-inversion": {"steps_per_class": 2, "pt_steps": 2, "targets": [0, 1]},
 }
 KIND_FIELDS = {
     "scanner": {"flagged", "anomaly_index"},

@@ -7,6 +7,11 @@ Registered here (importing this package registers them in :data:`~backdoorlab.de
 * ``cetf-repair``: CETF's BN-Unlearning (Zhou et al., arXiv 2407.05396, 2024), :mod:`.cetf_repair`.
 * ``abl``: ABL (Li et al., NeurIPS 2021), :mod:`.abl`; a training-time defense (trains from scratch on the
   received training set, using only the model's architecture).
+* ``strategic-retraining``: Strategic retraining (Dhonthi, Hahn, Hashemi, FM 2023), :mod:`.strategic_retraining`;
+  ABS finds trojan neurons and reverses their triggers, the model is fine-tuned on the most affected classes'
+  stamped images under their correct labels, until ABS finds none.
+* ``pivotal-tuning``: Pivotal Tuning (Lukas & Kerschbaum, "Pick your Poison", arXiv 2305.09671, 2023),
+  :mod:`.pivotal_tuning`; repair with 1% trusted data.
 """
 
 from __future__ import annotations
@@ -24,5 +29,7 @@ from .ft_sam import FTSAM  # noqa: E402,F401  (Zhu et al., ICCV 2023)
 from .i_bau import IBAU  # noqa: E402,F401  (Zeng et al., ICLR 2022)
 from .nad import NAD  # noqa: E402,F401  (Li et al., ICLR 2021)
 from .neural_polarizer import NeuralPolarizer  # noqa: E402,F401  (Zhu et al., NeurIPS 2023)
+from .pivotal_tuning import PivotalTuning  # noqa: E402,F401  (Lukas & Kerschbaum, arXiv 2305.09671)
 from .rnp import RNP  # noqa: E402,F401  (Li et al., ICML 2023)
 from .sau import SAU  # noqa: E402,F401  (Wei et al., NeurIPS 2023)
+from .strategic_retraining import StrategicRetraining  # noqa: E402,F401  (Dhonthi et al., FM 2023)

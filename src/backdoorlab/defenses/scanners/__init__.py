@@ -13,15 +13,19 @@ Registered here (importing this package registers them in :data:`~backdoorlab.de
   :mod:`.ban`; trigger-agnostic.
 * ``sfd``: SFD / Ex-Ray, symmetric feature differencing of K-Arm's triggers: natural feature or
   injected backdoor (Liu et al., CVPR 2022), :mod:`.sfd`.
+* ``calibrated-trigger-inversion``: CTI, per-label triggers that fool the model but not its Pivotal-Tuning
+  repair, with 1% trusted data (Lukas & Kerschbaum, "Pick your Poison", arXiv 2305.09671, 2023),
+  :mod:`.calibrated_trigger_inversion`.
 """
 
 from __future__ import annotations
 
 from .ban import BAN
+from .calibrated_trigger_inversion import CalibratedTriggerInversion
 from .k_arm import KArm
 from .mm_bd import MMBD
 from .neural_cleanse import NeuralCleanse, mad_anomaly
 from .neuron_inspect import NeuronInspect
 from .sfd import SFD
 
-__all__ = ["BAN", "KArm", "MMBD", "NeuralCleanse", "NeuronInspect", "SFD", "mad_anomaly"]
+__all__ = ["BAN", "CalibratedTriggerInversion", "KArm", "MMBD", "NeuralCleanse", "NeuronInspect", "SFD", "mad_anomaly"]
