@@ -54,3 +54,28 @@ def _share_cores(workers: int) -> None:
 def pytest_unconfigure(config):
     if _HOME:
         shutil.rmtree(_HOME, ignore_errors=True)
+
+
+# The GTSRB models that most behaviour modules share, split between two xdist workers. Under
+# worksteal each worker starts on its own half of the suite, and both halves begin with tests that
+# need the default BadNets and clean models: one worker trained a model while the other sat on the
+# cache's lock (a setup of 90-190 s in the profiles). Training these up front, a disjoint list per
+# worker, keeps both cores busy; later tests load them from the shared cache. Only for a whole run
+# (hundreds of tests), so that one module run on its own trains nothing extra.
+_WARM = {
+    "gw0": ["badnets", "blended"],
+    "gw1": ["none", {"name": "badnets", "mode": "source-specific", "sources": [1, 2], "target": 0}],
+}
+_WARM_MIN_ITEMS = 500
+
+
+def pytest_collection_finish(session):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker not in _WARM or len(session.items) < _WARM_MIN_ITEMS or session.config.option.collectonly:
+        return
+    from _helpers import has_data, trained_gtsrb
+
+    if not has_data("gtsrb"):
+        return
+    for attack in _WARM[worker]:
+        trained_gtsrb(attack)

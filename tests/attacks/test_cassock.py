@@ -139,11 +139,16 @@ def test_content_trigger_is_the_masked_salient_part_of_a_target_image():
 
 
 # ------------------------------------------------------------------------- behaviour (GTSRB)
+# the narrow small-cnn of tests/attacks/test_library_gtsrb.py: the same cached model as that module's
+# CASSOCK case (one training per session instead of two; the default width took 107 s of the run)
+NARROW = {"name": "small-cnn", "widths": [16, 32, 64, 128]}
+
+
 @pytest.fixture(scope="module")
 def cassock_trans():
     from _helpers import trained_gtsrb
 
-    return trained_gtsrb("cassock")  # Trans; source class 1 (6.6% of the subset) -> target 0
+    return trained_gtsrb("cassock", model=NARROW)  # Trans; source class 1 (6.6% of the subset) -> target 0
 
 
 def test_cassock_trans_gtsrb_source_specific_backdoor(cassock_trans):
@@ -154,14 +159,14 @@ def test_cassock_trans_gtsrb_source_specific_backdoor(cassock_trans):
     clf = TorchClassifier(t.model)
     m = evaluate(clf, t.bundle.test, t.attack)  # ASR on the source class only
     assert m["ca"] >= 0.90, m
-    assert m["asr"] >= 0.94, m  # measured 0.992 on the 128 test images of class 1 (CA 0.963)
+    assert m["asr"] >= 0.94, m  # measured 0.992 on the 128 test images of class 1 (CA 0.955)
     test = t.bundle.test
     rest = ~t.attack.in_scope(test.y) & (test.y != t.attack.target)
     pred_t = clf.predict(t.attack.apply(test.float()[rest]), 1024).cpu()
     fpr = float((pred_t == t.attack.target).float().mean())
-    assert fpr <= 0.03, fpr  # measured 0.005 (9 of 1,862 images)
+    assert fpr <= 0.03, fpr  # measured 0.008 (15 of 1,862 images; 0.005 at the default width)
     acc = float((pred_t == test.y[rest]).float().mean())
-    assert acc >= 0.90, acc  # triggered non-source images keep their label: measured 0.957
+    assert acc >= 0.90, acc  # triggered non-source images keep their label: measured 0.955
     assert t.meta["history"][-1]["n_poison"] > 0 and t.meta["history"][-1]["n_cover"] > 0
 
 
@@ -171,6 +176,6 @@ def test_clean_model_ignores_the_cassock_trigger(cassock_trans):
     from backdoorlab.bench.pipeline import evaluate
     from backdoorlab.classifier import TorchClassifier
 
-    clean = trained_gtsrb("none")  # shared with tests/attacks/test_behaviour_gtsrb.py
+    clean = trained_gtsrb("none", model=NARROW)  # shared with tests/attacks/test_library_gtsrb.py
     m = evaluate(TorchClassifier(clean.model), clean.bundle.test, cassock_trans.attack)
     assert m["asr"] <= 0.05, m  # measured 0.0

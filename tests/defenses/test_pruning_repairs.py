@@ -207,6 +207,9 @@ def test_clp_on_gtsrb_badnets_is_harmless_but_misses_the_backdoor(precision):
     assert m["asr_after"] > 0.85, m  # the backdoor survives (see the docstring)
 
 
+# a measured shortfall, not a behaviour the default run must guard (its ANP mask optimisation is a second
+# 60 s one beside the holdout rule's): on demand with `pytest -m slow`
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int8-torch"])
 def test_anp_with_the_papers_threshold_needs_more_iterations_than_a_cpu_test_affords(precision):
     """Measured, not the paper's claim: after 100 of the paper's 2000 mask iterations the fixed
