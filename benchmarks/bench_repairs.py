@@ -35,11 +35,24 @@ BACKDOORBENCH_GTSRB_BADNETS = {"fine-pruning": (98.2, 0.1), "nad": (98.7, 0.6), 
                                "i-bau": (96.5, 0.0)}
 DATASET = {"name": "gtsrb", "train_limit": 6000, "test_limit": 2000}
 TRAIN = {"epochs": 10, "batch_size": 128, "lr": 0.1, "crop_pad": 0}  # the tests' recipe
-REPAIRS = ["ft", "ft-sam", "nad", "fine-pruning", "anp", "clp", "rnp", "i-bau", "sau", "strategic-retraining",
-           "pivotal-tuning"]
+REPAIRS = ["ft", "ft-sam", "nad", "fine-pruning", "anp", "clp", "rnp", "i-bau", "sau", "neural-polarizer",
+           "cetf-repair", "abl", "strategic-retraining", "pivotal-tuning"]
 BUDGET = {"anp": {"iterations": 100, "max_acc_drop": 0.02},
           "sau": {"n_rounds": 8, "batch_size": 32, "lr": 0.001},
-          "i-bau": {"lr": 0.0003}}
+          "i-bau": {"lr": 0.0003},
+          # the tests' budgets (each test module's docstring gives the measured cause): Neural Polarizer
+          # at BackdoorBench's loss weights for 10 epochs; CETF's detector at population 10 x 5
+          # generations; ABL's isolation 1 epoch at lr 0.01 and 3 fine-tuning epochs; ABS at one seed
+          # image per class, 5 candidates, 100 reverse-engineering steps, one round of retraining;
+          # Pivotal Tuning 200 of its 2000 steps (the defaults' 424 s collapse CA to 0.09 here)
+          "neural-polarizer": {"epochs": 10, "batch_size": 32, "lmd2": 0.5, "lmd3": 0.5, "lmd4": 0.5,
+                               "trigger_norm": 5.0},
+          "cetf-repair": {"scan_size": 100, "detector": {"population": 10, "generations": 5, "fit_size": 60}},
+          "abl": {"isolation_epochs": 1, "lr": 0.01, "finetune_epochs": 3, "unlearning_epochs": 40,
+                  "unlearning_lr": 5e-3, "unlearning_stop_acc": 0.5},
+          "strategic-retraining": {"seeds_per_class": 1, "top_n_neurons": 5, "re_steps": 100, "re_batch_size": 16,
+                                   "max_iterations": 1},
+          "pivotal-tuning": {"steps": 200}}
 DORMANCY = {"n_craft": 300, "n_eval": 500, "wb_steps": 100, "queries": 300, "ft_epochs": 5}
 COMPRESS = ["fp32", "int8-torch", "int8-ort", "int4-w"]
 KEYS = ("ca", "asr", "ca_after", "asr_after", "ra_after", "der", "repair_wall", "bec", "reactivated_asr_whitebox",
