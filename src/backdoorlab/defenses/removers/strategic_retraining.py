@@ -88,6 +88,7 @@ from ...data.tensordata import TensorData
 from ...errors import BackdoorLabError
 from ...train.fit import TrainConfig, fit
 from ..base import DEFENSES, DefenseContext, Remover
+from ..scanners.sfd import stamp  # (1 - m) x + m p, the trigger Neural Cleanse, K-Arm and ABS share
 from .ft import check_int, check_number, check_sgd, start_model
 from .nad import attention_layers
 
@@ -169,11 +170,6 @@ def stimulate(split: _Split, seeds: torch.Tensor, labels: torch.Tensor, samp_k: 
     score = torch.where(score.isinf(), torch.zeros_like(score), score)  # ABS: 0 when no such seed
     score = torch.where(agree.float().mean(1) >= AGREE, score, torch.full_like(score, -math.inf))
     return label, score
-
-
-def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """``(1 - m) x + m p``: ``x`` ``(N, C, H, W)``, ``mask`` ``(1, H, W)``, ``pattern`` ``(C, H, W)``."""
-    return (1 - mask) * x + mask * pattern
 
 
 @DEFENSES.register("strategic-retraining")
