@@ -51,7 +51,6 @@ MEASURED: dict[str, tuple[float, float, float]] = {
     "input-aware": (0.9485, 0.8246, 0.0),
     "lc": (0.942, 0.9471, 0.0),
     "lf": (0.9445, 0.9769, 0.0),
-    "lsp": (0.9545, 0.8729, 0.0),
     "object": (0.954, 1.0, 0.0),
     "polygon": (0.945, 1.0, 0.0),
     "refool": (0.957, 0.4161, 0.0),
@@ -90,11 +89,17 @@ LEARNED = 0.2
 TEST_BUDGET = {"lf": {"name": "lf", "max_passes": 5}}
 
 
+# learned-on-GTSRB checks another module makes: BadNets and Blended in ``test_behaviour_gtsrb.py``,
+# LSP in ``test_lsp.py`` (at the default width, which its Neural Cleanse comparison needs; a narrow
+# LSP model here cost 36 s of the default run for the same check)
+COVERED = ("badnets", "blended", "lsp")
+
+
 def _specs() -> dict[str, object]:
     """The default-run specs by attack name: the benchmark's (variants such as CASSOCK's Cont/Comp
-    run in the benchmark only; BadNets and Blended in ``test_behaviour_gtsrb.py``)."""
+    run in the benchmark only), less the attacks in ``COVERED``."""
     names = bench.data_poisoning_attacks()
-    return {n: TEST_BUDGET.get(n, bench.PRESETS["gtsrb"].get(n, n)) for n in names if n not in ("badnets", "blended")}
+    return {n: TEST_BUDGET.get(n, bench.PRESETS["gtsrb"].get(n, n)) for n in names if n not in COVERED}
 
 
 SPECS = _specs()
