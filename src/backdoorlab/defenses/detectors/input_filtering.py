@@ -268,9 +268,11 @@ class InputFilter(Detector):
             sums: dict[str, float] = {}
             for s in range(0, n, self.batch_size):
                 idx = perm[s:s + self.batch_size]
-                xb, yb = x[idx].to(self._device).contiguous(memory_format=torch.channels_last), y_hat[idx].to(self._device)
+                xb, yb = x[idx].to(self._device), y_hat[idx].to(self._device)
                 if self.augment:
                     xb = _augment(xb, g)
+                xb = xb.contiguous(memory_format=torch.channels_last)
+                if self.augment:
                     with torch.no_grad():
                         yb = self._logits(grad_clf, xb).argmax(1)
                 self.filter.train()
