@@ -13,6 +13,10 @@ they are a reference for the order of magnitude, not a target this small CNN mus
 Usage: python benchmarks/bench_attacks.py [--dataset gtsrb|cifar10] [--seeds 0 1 2]
        [--attacks badnets sig ...] [--compress fp32 int8-torch int8-ort int4-w prune-l1-50]
        [--train JSON] [--model NAME|JSON] [--store PATH] [--out PATH]            (needs BACKDOORLAB_DATA)
+       python benchmarks/bench_attacks.py --merge A.json B.json ... --out PATH
+``--merge``: one table over the seeds of several earlier runs' JSON files (seeds measured on another
+day or machine), mean +- std per attack and precision over every seed any file holds for it; each
+file's ``machine`` is kept under ``sources``. Runs nothing.
 """
 
 from __future__ import annotations
@@ -93,7 +97,65 @@ def fmt(m: float, s: float) -> str:
     return "n/a" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
 
 
+def merge(paths: list[str], out: str | None) -> int:
+    """Combine the per-seed figures of several bench_attacks JSON files into one table (``--merge``)."""
+    runs = []
+    for p in paths:
+        try:
+            runs.append(json.loads(open(p).read()))
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"bench_attacks: error: {p}: {exc}", file=sys.stderr)
+            return 2
+    for r in runs:  # files written before --model existed ran the default small-cnn
+        r.setdefault("model", "small-cnn")
+    first = runs[0]
+    for p, r in zip(paths[1:], runs[1:]):
+        for k in ("dataset", "train", "model"):
+            if r.get(k) != first.get(k):
+                print(f"bench_attacks: error: {p}: its {k} {r.get(k)!r} differs from {paths[0]}'s {first.get(k)!r}",
+                      file=sys.stderr)
+                return 2
+    order: list[tuple[str, str]] = []
+    per: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    spec: dict[tuple[str, str], object] = {}
+    for r in runs:
+        for row in r["rows"]:
+            key = (row["attack"], row["compression"])
+            if key not in spec:
+                order.append(key)
+                spec[key] = row["spec"]
+            for ps in row["per_seed"]:
+                per[key][ps["seed"]] = ps  # a seed measured twice: the later file's figure
+    ds = first["dataset"]["name"]
+    ref = BACKDOORBENCH.get(ds, {})
+    out_rows, lines = [], []
+    for key in order:
+        seeds = [per[key][s] for s in sorted(per[key])]
+        stats = {k: mean_std([x.get(k) for x in seeds]) for k in ("ca", "asr", "ra")}
+        rec = {"attack": key[0], "spec": spec[key], "compression": key[1], "seeds": len(seeds),
+               **{f"{k}_mean": v[0] for k, v in stats.items()}, **{f"{k}_std": v[1] for k, v in stats.items()},
+               "per_seed": seeds}
+        bb = ref.get(key[0]) if key[1] == "fp32" else None
+        if bb:
+            rec["backdoorbench_preact_ca_asr"] = bb
+        out_rows.append(rec)
+        lines.append([key[0], key[1], ",".join(str(x["seed"]) for x in seeds), fmt(*stats["ca"]), fmt(*stats["asr"]),
+                      fmt(*stats["ra"]), f"{bb[0]:.1f} / {bb[1]:.1f}" if bb else ""])
+    path = write(f"attacks_{ds}_merged", {"dataset": first["dataset"], "model": first.get("model"),
+                                          "train": first["train"], "merged_from": paths,
+                                          "sources": [r.get("machine") for r in runs], "rows": out_rows}, out)
+    print(table(["attack", "precision", "seeds", "CA", "ASR", "RA", "BackdoorBench PreAct CA / ASR"], lines))
+    print(f"wrote {path}")
+    return 0
+
+
 def main() -> int:
+    if "--merge" in sys.argv[1:]:
+        mp = argparse.ArgumentParser(description="merge bench_attacks JSON files")
+        mp.add_argument("--merge", nargs="+", required=True)
+        mp.add_argument("--out")
+        a = mp.parse_args()
+        return merge(a.merge, a.out)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="gtsrb")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

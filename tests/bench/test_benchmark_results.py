@@ -56,3 +56,48 @@ def test_a_changed_spec_or_dataset_drops_the_old_measurements(tmp_path, merged_r
     assert rows["a"] == new[0] and "b" in rows  # another model: its old detection would be wrong
     assert merged_rows(path, new, {**DS, "train_limit": 100}) == new  # another dataset: not comparable
     assert merged_rows(tmp_path / "missing.json", new, DS) == new
+
+
+def _bench_attacks():
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_attacks_merge", BENCH / "bench_attacks.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+def _attack_run(path, seeds, asr, model=None, train=None):
+    rows = [{"attack": "badnets", "spec": "badnets", "compression": "fp32",
+             "per_seed": [{"seed": s, "ca": 0.9, "asr": a, "ra": 0.1} for s, a in zip(seeds, asr)]}]
+    run = {"machine": {"cpu": str(seeds)}, "dataset": DS, "train": train or {"epochs": 10}, "rows": rows}
+    if model:
+        run["model"] = model
+    path.write_text(json.dumps(run))
+    return str(path)
+
+
+def test_bench_attacks_merges_seeds_of_several_runs(tmp_path, capsys):
+    """Seeds measured in separate runs (seed 0 on one day, seeds 1-2 on another) become one
+    mean +- std; a file written before ``--model`` existed counts as the default small-cnn."""
+    mod = _bench_attacks()
+    a = _attack_run(tmp_path / "a.json", [0], [0.9])
+    b = _attack_run(tmp_path / "b.json", [1, 2], [0.8, 1.0], model="small-cnn")
+    out = tmp_path / "m.json"
+    assert mod.merge([a, b], str(out)) == 0
+    merged = json.loads(out.read_text())
+    (row,) = merged["rows"]
+    assert row["seeds"] == 3 and [s["seed"] for s in row["per_seed"]] == [0, 1, 2]
+    assert row["asr_mean"] == pytest.approx(0.9) and row["asr_std"] == pytest.approx(0.1)
+    assert merged["sources"] == [{"cpu": "[0]"}, {"cpu": "[1, 2]"}]
+    assert "0.900 ± 0.100" in capsys.readouterr().out
+    # runs of another recipe are not averaged together: one line naming the file and the field
+    c = _attack_run(tmp_path / "c.json", [3], [0.5], train={"epochs": 5})
+    assert mod.merge([a, c], str(tmp_path / "x.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "c.json" in err and "train" in err
+    assert not (tmp_path / "x.json").exists()
