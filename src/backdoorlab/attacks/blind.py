@@ -62,6 +62,9 @@ Deviations from the authors' code and BackdoorBench:
   case still shows there: in epochs 3-4 the backdoor won (every image to the target, ``L_b`` 0,
   weight 0.999 on it, the main task starved) and the main task came back from epoch 5, as the
   code's solver would (its fixed point). ``loss_threshold=1.0`` restores the code's warm-up.
+  Over three seeds the main task does not always come back: seed 1 stays starved from epoch 3
+  to the end (CA 0.005, ASR 1.0; seeds 0 and 2: CA 0.914 / 0.936), while ``balance="fixed"``
+  trains the same seed to CA 0.904, ASR 1.0 (BENCHMARKS.md, "Three seeds").
 * ``history`` (the code's 1000 batches, BackdoorBench's ``batch_history_len``) defaults to
   ``min(1000, total_steps // 10)``: 1000 batches are 1.3 of the code's 200 CIFAR-10 epochs, but
   more than the whole of a short schedule here (the GTSRB tests train 470 steps); a tenth of
