@@ -89,6 +89,21 @@ def test_surrogate_names_an_unknown_op(tiny_tflite, monkeypatch):
         tflite.tflite_surrogate(tiny_tflite.model_bytes)
 
 
+def test_surrogate_sums_over_the_axes_tflite_names():
+    """litert-torch puts a SUM op in VGG-16-BN's flatbuffer; without it in the surrogate the
+    whole int8-tflite cell of a VGG model was an error row (BENCHMARKS.md, the transfer matrix)."""
+    from types import SimpleNamespace
+
+    from backdoorlab.compress import tflite
+
+    x = torch.rand(2, 4, 5, 3)
+    axes = torch.tensor([1, -2], dtype=torch.int32)  # NHWC: H and W, one of them counted from the end
+    out = tflite._OPS["SUM"](None, [x, axes], SimpleNamespace(keepDims=False))
+    assert out.shape == (2, 3) and torch.allclose(out, x.sum((1, 2)))
+    kept = tflite._OPS["SUM"](None, [x, axes], SimpleNamespace(keepDims=True))
+    assert kept.shape == (2, 1, 1, 3) and torch.allclose(kept.flatten(1), out)
+
+
 def test_histogram_calibration_clips_activation_ranges(tiny, tiny_tflite):
     hist = compress({"name": "int8-tflite", "calibration": "histogram"}, tiny.model, calib=tiny.calib, device="cpu")
     assert hist.info["calibration"] == "histogram" and hist.info["io_dtype"] == "int8"

@@ -512,6 +512,7 @@ _OPS = {
     "MAX_POOL_2D": lambda m, a, o: _pool(m, a, o, "max"),
     "AVERAGE_POOL_2D": lambda m, a, o: _pool(m, a, o, "avg"),
     "MEAN": lambda m, a, o: a[0].mean(_reduce_axes(a[0], a[1]), keepdim=bool(o.keepDims)),
+    "SUM": lambda m, a, o: a[0].sum(_reduce_axes(a[0], a[1]), keepdim=bool(o.keepDims)),
     "REDUCE_MAX": lambda m, a, o: a[0].amax(_reduce_axes(a[0], a[1]), keepdim=bool(o.keepDims)),
     "TRANSPOSE": lambda m, a, o: a[0].permute(*[int(v) for v in a[1].reshape(-1)]),
     "ADD": _binary(torch.add),
