@@ -106,6 +106,12 @@ def merge(paths: list[str], out: str | None) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"bench_attacks: error: {p}: {exc}", file=sys.stderr)
             return 2
+        r = runs[-1]
+        if not (isinstance(r, dict) and isinstance(r.get("rows"), list) and isinstance(r.get("dataset"), dict)
+                and all(isinstance(x, dict) and isinstance(x.get("per_seed"), list) for x in r["rows"])):
+            print(f"bench_attacks: error: {p}: not a bench_attacks result (no 'dataset' and 'rows' with 'per_seed')",
+                  file=sys.stderr)
+            return 2
     for r in runs:  # files written before --model existed ran the default small-cnn
         r.setdefault("model", "small-cnn")
     first = runs[0]

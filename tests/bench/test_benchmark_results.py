@@ -10,18 +10,23 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def merged_rows():
+def _bench_module(name: str, file: str):
+    """A benchmark script imported as a module (its sibling ``_common`` on the path while it loads)."""
     import sys
 
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_cb", BENCH / "bench_compression_backdoors.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / file)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(BENCH))
-    return mod.merged_rows
+    return mod
+
+
+@pytest.fixture(scope="module")
+def merged_rows():
+    return _bench_module("bench_cb", "bench_compression_backdoors.py").merged_rows
 
 
 DS = {"name": "gtsrb", "train_limit": 6000}
@@ -58,19 +63,6 @@ def test_a_changed_spec_or_dataset_drops_the_old_measurements(tmp_path, merged_r
     assert merged_rows(tmp_path / "missing.json", new, DS) == new
 
 
-def _bench_attacks():
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_attacks_merge", BENCH / "bench_attacks.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    return mod
-
-
 def _attack_run(path, seeds, asr, model=None, train=None):
     rows = [{"attack": "badnets", "spec": "badnets", "compression": "fp32",
              "per_seed": [{"seed": s, "ca": 0.9, "asr": a, "ra": 0.1} for s, a in zip(seeds, asr)]}]
@@ -84,7 +76,7 @@ def _attack_run(path, seeds, asr, model=None, train=None):
 def test_bench_attacks_merges_seeds_of_several_runs(tmp_path, capsys):
     """Seeds measured in separate runs (seed 0 on one day, seeds 1-2 on another) become one
     mean +- std; a file written before ``--model`` existed counts as the default small-cnn."""
-    mod = _bench_attacks()
+    mod = _bench_module("bench_attacks_merge", "bench_attacks.py")
     a = _attack_run(tmp_path / "a.json", [0], [0.9])
     b = _attack_run(tmp_path / "b.json", [1, 2], [0.8, 1.0], model="small-cnn")
     out = tmp_path / "m.json"
@@ -101,3 +93,8 @@ def test_bench_attacks_merges_seeds_of_several_runs(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "c.json" in err and "train" in err
     assert not (tmp_path / "x.json").exists()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"dataset": DS, "rows": [{"attack": "a", "precisions": {}}]}))
+    assert mod.merge([a, str(other)], str(tmp_path / "y.json")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "other.json" in err and not (tmp_path / "y.json").exists()
