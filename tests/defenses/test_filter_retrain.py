@@ -35,8 +35,19 @@ class _PatchFilter(Filter):
         return FilterResult(scores=hit.float(), removed=hit, flagged=[0] if hit.any() else [], detected=bool(hit.any()))
 
 
-if _PatchFilter.name not in DEFENSES:
-    DEFENSES.register(_PatchFilter.name)(_PatchFilter)
+class _KeepAllFilter(Filter):
+    """Test filter that removes nothing."""
+
+    name = "test-keep-all-filter"
+
+    def filter(self, ctx):
+        n = len(ctx.train.x)
+        return FilterResult(scores=torch.zeros(n), removed=torch.zeros(n, dtype=torch.bool), flagged=[], detected=False)
+
+
+for _f in (_PatchFilter, _KeepAllFilter):
+    if _f.name not in DEFENSES:
+        DEFENSES.register(_f.name)(_f)
 
 
 def test_filters_retrain_on_what_they_keep(tmp_path, monkeypatch):
@@ -44,14 +55,20 @@ def test_filters_retrain_on_what_they_keep(tmp_path, monkeypatch):
     study = Study.from_dict({
         "name": "filter-retrain", "datasets": ["digits"], "models": ["small-cnn"], "train": {"epochs": 8},
         "attacks": [{"name": "badnets", "rate": 0.03}], "compress": ["fp32"], "seeds": [0],
-        "defenses": [{"name": "test-patch-filter", "retrain": True}, "spectral-signatures",
+        "defenses": [{"name": "test-patch-filter", "retrain": True}, {"name": "test-keep-all-filter", "retrain": True},
+                     "spectral-signatures",
                      {"name": "spectral-signatures", "retrain": False}]})
     store = ResultStore(tmp_path / "r.sqlite")
     run_study(study, store, log=lambda s: None)
     rows = {r.defense: r for r in store.rows(study.name)}
     assert all(r.status == "ok" for r in rows.values()), {d: r.error for d, r in rows.items()}
     assert sorted(rows) == ["spectral-signatures", "spectral-signatures(retrain=false)",
-                            "test-patch-filter(retrain=true)"]
+                            "test-keep-all-filter(retrain=true)", "test-patch-filter(retrain=true)"]
+    # a filter that removes nothing retrains on the same samples with the same seeds: the model the
+    # cell trained (bit for bit on CPU, checked once by training it again), reused, not retrained
+    kept = rows["test-keep-all-filter(retrain=true)"].metrics
+    assert kept["n_retrain"] == kept["n_train"] and kept["n_removed"] == 0
+    assert (kept["ca_after_retrain"], kept["asr_after_retrain"]) == (kept["ca"], kept["asr"]), kept
     oracle, ss, ss_off = (rows[d].metrics for d in ("test-patch-filter(retrain=true)", "spectral-signatures",
                                                      "spectral-signatures(retrain=false)"))
     # measured: ASR 0.978 before; the retrained model on the 1,324 clean images: ASR 0.0, CA 0.95
