@@ -98,3 +98,34 @@ def test_bench_attacks_merges_seeds_of_several_runs(tmp_path, capsys):
     assert mod.merge([a, str(other)], str(tmp_path / "y.json")) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "other.json" in err and not (tmp_path / "y.json").exists()
+
+
+def test_the_detector_benchmark_puts_the_clean_models_rate_beside_each_verdict():
+    """bench_detectors: each (attack, detector, precision) row pairs the backdoored model's AUROC over
+    seeds with the same detector's FRR on the clean model at the same precision (its false-positive
+    rate), never another precision's; failed cells are errors, not scores."""
+    from types import SimpleNamespace as Row
+
+    summarise = _bench_module("bench_det", "bench_detectors.py").summarise
+
+    def row(attack, defense, comp, seed, status="ok", error=None, **m):
+        return Row(attack=attack, defense=defense, compression=comp, seed=seed, status=status, error=error, metrics=m)
+
+    rows = [row("badnets", "strip", "fp32", 0, auroc=0.9, frr=0.05, far=0.1, detected=True, defense_wall=1.0,
+                n_eval_clean=100, n_eval_triggered=100),
+            row("badnets", "strip", "fp32", 1, auroc=0.7, frr=0.05, far=0.5, detected=False, defense_wall=3.0,
+                n_eval_clean=100, n_eval_triggered=100),
+            row("badnets", "strip", "int8-ort", 0, status="error", error="boom"),
+            row("none", "strip", "fp32", 0, frr=0.02), row("none", "strip", "fp32", 1, frr=0.04),
+            row("none", "strip", "int8-ort", 0, frr=0.5),
+            row("badnets", "none", "fp32", 0, asr=0.95), row("badnets", "none", "fp32", 1, asr=0.97)]
+    out, lines, summ = summarise(rows, ["badnets"], ["badnets"], ["strip"], ["fp32", "int8-ort"], "none", "none")
+    fp32, i8 = out[0], out[1]
+    assert fp32["seeds"] == [0, 1] and fp32["auroc_mean"] == pytest.approx(0.8)
+    assert fp32["auroc_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert fp32["clean_model_frr_mean"] == pytest.approx(0.03) and fp32["detected"] == 1
+    assert fp32["asr_deployed_mean"] == pytest.approx(0.96)
+    assert fp32["s_per_1000_mean"] == pytest.approx(10.0)  # 1 s and 3 s for 200 inputs each
+    assert i8["seeds"] == [] and i8["errors"] == ["boom"] and i8["clean_model_frr_mean"] == pytest.approx(0.5)
+    assert summ == [["strip", "fp32", 1, "0.800", "0.800", 0]]  # the failed precision has no AUROC to average
+    assert [r["clean_model_frr_mean"] for r in out[2:]] == pytest.approx([0.03, 0.5])
