@@ -27,7 +27,7 @@ import torch
 from _helpers import defense_ctx, deploy_trained
 
 from backdoorlab.defenses import DEFENSES
-from backdoorlab.defenses.detectors.sentinet import SentiNet, fit_boundary, signed_distance, top_masks
+from backdoorlab.defenses.detectors.sentinet import SentiNet, fit_boundary, grad_cam, signed_distance, top_masks
 from backdoorlab.defenses.evaluate import Truth, run_defense
 from backdoorlab.defenses.filters.beatrix import Beatrix, _Bounds, gram_signatures, kmmd
 from backdoorlab.errors import BackdoorLabError
@@ -101,6 +101,46 @@ def test_sentinet_false_positive_rate_on_the_clean_gtsrb_model(clean_model):
                                                        generator=torch.Generator().manual_seed(0))[:300]]
     fpr = float((det.score(clf, x) > det.threshold).float().mean())
     assert fpr <= 2 * det.frr
+
+
+def test_pooling_read_in_one_or_two_reductions():
+    """The feature map is the input of a global pooling however the forward pass spells it: one
+    reduction over both spatial dims, or one per dim (the ONNX replay of ``AdaptiveMaxPool2d(1)``
+    reduces the width, then the height), keepdim or not; a reduction over channels is no pooling."""
+    from backdoorlab.defenses.feature_maps import _PoolSpy
+
+    x = torch.randn(2, 5, 4, 4)
+    for pool in (lambda t: t.amax(dim=3, keepdim=True).amax(dim=2, keepdim=True), lambda t: t.amax(3).amax(2),
+                 lambda t: torch.mean(torch.mean(t, 2, True), 3, True), lambda t: t.amax(dim=(2, 3))):
+        spy = _PoolSpy()
+        with spy:
+            pool(x)
+        assert len(spy.maps) == 1 and spy.maps[0] is x
+    for other in (lambda t: t.amax(3).amax(1), lambda t: t.amax(2), lambda t: t.mean(1)):
+        spy = _PoolSpy()
+        with spy:
+            other(x)
+        assert spy.maps == []
+
+
+@pytest.mark.data
+def test_an_onnx_runtime_artifacts_feature_map_comes_from_its_surrogate(badnets):
+    """int8-ort: the ONNX Runtime session has no PyTorch forward, so SentiNet's Grad-CAM and
+    Beatrix read the map from the surrogate that replays the file's graph; it is the FP32 model's
+    map up to int8 rounding (measured: cosine 0.9997)."""
+    from backdoorlab.defenses.feature_maps import map_reader, pooled_map
+
+    clf = _deploy(badnets, "int8-ort")
+    x = badnets.bundle.test.subset(torch.arange(8)).float()
+    reader, where = map_reader(clf, x, "test")
+    assert where == "surrogate" and reader is clf.surrogate
+    with torch.no_grad():
+        _, fmap = pooled_map(reader, x)
+        _, ref = pooled_map(_deploy(badnets, "fp32"), x)
+    assert fmap.shape == ref.shape and fmap.shape[-1] > 1
+    assert float(torch.nn.functional.cosine_similarity(fmap.flatten(), ref.flatten(), dim=0)) >= 0.95
+    cam = grad_cam(reader, x, torch.zeros(8, 1, dtype=torch.long))
+    assert cam.shape == (8, 1, *x.shape[-2:]) and bool((cam >= 0).all()) and float(cam.sum()) > 0
 
 
 def test_sentinet_pieces():

@@ -51,18 +51,52 @@ def _global_spatial(name: str, args: tuple, kwargs: dict) -> bool:
     return False
 
 
+def _one_spatial(name: str, args: tuple, kwargs: dict) -> tuple[int, bool] | None:
+    """``(dim, keepdim)`` when ``name(*args, **kwargs)`` is a reduction (amax, mean, ...) over one
+    dimension of a tensor, else None."""
+    if name not in _REDUCE or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if isinstance(dim, (tuple, list)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return None
+    keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    return dim % args[0].ndim, bool(keep)
+
+
 class _PoolSpy(TorchFunctionMode):
-    """Records the input of every global spatial pooling a forward pass performs."""
+    """Records the input of every global spatial pooling a forward pass performs: one reduction over
+    both spatial dimensions, or two in a row, one per dimension (ONNX graphs exported from
+    ``AdaptiveMaxPool2d(1)`` reduce the width and then the height, as the replaying surrogate does)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.maps: list[torch.Tensor] = []
+        # output of a one-dimension spatial reduction -> (its 4-D input, the input dim it reduced,
+        # keepdim, the output itself: held so that its id is not reused while it is recorded)
+        self._half: dict[int, tuple[torch.Tensor, int, bool, torch.Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _global_spatial(getattr(func, "__name__", ""), args, kwargs):
+        name = getattr(func, "__name__", "")
+        if _global_spatial(name, args, kwargs):
             self.maps.append(args[0])
-        return func(*args, **kwargs)
+            return func(*args, **kwargs)
+        one = _one_spatial(name, args, kwargs)
+        out = func(*args, **kwargs)
+        if one is not None and isinstance(out, torch.Tensor):
+            dim, keep = one
+            src = args[0]
+            if id(src) in self._half and self._half[id(src)][3] is src:
+                orig, done, keep0, _ = self._half.pop(id(src))
+                # the second reduction's dim in the first one's input (shifted where keepdim was false)
+                d0 = dim if keep0 or dim < done else dim + 1
+                if {done, d0} == {2, 3}:
+                    self.maps.append(orig)
+            elif src.ndim == 4 and dim in (2, 3):
+                self._half[id(out)] = (src, dim, keep, out)
+        return out
 
 
 def pooled_map(clf: Classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
