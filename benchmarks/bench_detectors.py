@@ -17,7 +17,7 @@ so an interrupted run resumes; ``--no-run`` tabulates what a store holds.
 (the pipeline's default is 1,000): a budget, not part of any method, and the JSON records it.
 
 Usage: python benchmarks/bench_detectors.py [--dataset gtsrb|cifar10] [--seeds 0 1 2]
-       [--attacks badnets sig ...] [--detectors strip scale-up teco sentinet]
+       [--attacks badnets sig ...] [--detectors strip scale-up teco sentinet '{"name": "sentinet", ...}']
        [--compress fp32 int8-torch int8-ort int4-w prune-l1-50] [--eval-limit 300]
        [--store PATH] [--out PATH] [--no-run]                               (needs BACKDOORLAB_DATA)
 """
@@ -25,6 +25,7 @@ Usage: python benchmarks/bench_detectors.py [--dataset gtsrb|cifar10] [--seeds 0
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -102,7 +103,8 @@ def main() -> int:
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="gtsrb")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--attacks", nargs="+", help="attack names (default: every registered data-poisoning attack)")
-    ap.add_argument("--detectors", nargs="+", default=DETECTORS)
+    ap.add_argument("--detectors", nargs="+", default=DETECTORS,
+                    help="names or JSON specs with a smaller budget ('{\"name\": \"sentinet\", \"n_overlay\": 10}')")
     ap.add_argument("--compress", nargs="+", default=COMPRESS)
     ap.add_argument("--eval-limit", type=int, default=300)
     ap.add_argument("--store", help="result store (default $BACKDOORLAB_HOME/bench_detectors.sqlite)")
@@ -120,7 +122,11 @@ def main() -> int:
     from backdoorlab.utils import home
 
     attacks = attack_specs(args.dataset, args.attacks or data_poisoning_attacks(), variants=False)
-    detectors = [{"name": d, "eval_limit": args.eval_limit} for d in args.detectors]
+    try:
+        detectors = [{**(json.loads(d) if d.lstrip().startswith("{") else {"name": d}), "eval_limit": args.eval_limit}
+                     for d in args.detectors]
+    except json.JSONDecodeError as exc:
+        ap.error(f"--detectors: a spec is not JSON: {exc}")
     train = TRAIN[args.dataset]
     try:
         study = Study.from_dict({"name": f"bench-detectors-{args.dataset}", "datasets": [DATASETS[args.dataset]],
