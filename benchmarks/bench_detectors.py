@@ -30,6 +30,7 @@ import math
 import os
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from _common import table, write
 from bench_attacks import COMPRESS, DATASETS, TRAIN, attack_specs, data_poisoning_attacks, fmt, mean_std
@@ -137,7 +138,11 @@ def main() -> int:
     except BackdoorLabError as exc:
         print(f"bench_detectors: error: {exc}", file=sys.stderr)
         return 2
-    store = ResultStore(args.store or home() / "bench_detectors.sqlite")
+    store_path = Path(args.store) if args.store else home() / "bench_detectors.sqlite"
+    if args.no_run and not store_path.is_file():  # never create an empty store only to tabulate it
+        print(f"bench_detectors: error: --no-run: no result store at {store_path}", file=sys.stderr)
+        return 2
+    store = ResultStore(store_path)
     if not args.no_run:
         run_study(study, store, progress=False)
     cells = bind_sources(study.cells())
