@@ -73,6 +73,10 @@ PARTIAL_MARGIN = 0.15
 # LC's perturbations come from a surrogate trained on the machine that runs the test: 0.947 in the
 # benchmark, 0.782 in a test run on the same CPU with two workers, 0.755 on CI's CPU (default width).
 ASR_MARGINS = {"adaptive-patch": 0.17, "lc": 0.25}
+# SIG's signal (40 grey levels, BackdoorBench's setting) is strong enough to move some clean test
+# images to the target by itself: a clean narrow model's ASR 0.0 on the AVX-512 training path, 0.107
+# on the pinned AVX2 path of tests/conftest.py
+CLEAN_MARGINS = {"sig": 0.15}
 
 
 def _asr_margin(name: str, asr: float) -> float:
@@ -130,7 +134,7 @@ def test_attack_is_learned_and_a_clean_model_ignores_it(name, clean):
     assert m["ca"] >= ca - CA_MARGIN, m
     assert m["asr"] >= asr - _asr_margin(name, asr), m
     c = evaluate(TorchClassifier(clean.model), clean.bundle.test, t.attack)
-    assert c["asr"] <= clean_asr + CLEAN_MARGIN, c
+    assert c["asr"] <= clean_asr + CLEAN_MARGINS.get(name, CLEAN_MARGIN), c
     if asr >= LEARNED:  # learned: the poisoned model follows the trigger far more often than the clean one
         assert m["asr"] - c["asr"] >= 0.5 * (asr - clean_asr), (m, c)
     split = t.poisoned.split

@@ -98,7 +98,7 @@ def test_hook_poisons_rate_of_the_batch_and_swaps_in_the_soft_label_loss():
 
 
 # ------------------------------------------------------------------------- behaviour (GTSRB)
-NC_BUDGET = {"steps": 100, "batches_per_step": 1, "batch_size": 4}  # tests/defenses/test_neural_cleanse.py
+NC_BUDGET = {"steps": 100, "batches_per_step": 1, "batch_size": 16}  # tests/defenses/test_neural_cleanse.py
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +132,10 @@ def test_neural_cleanse_misses_lsp_badnets(lsp_badnets):
     ctx = DefenseContext(clf=clf, clean=t.poisoned.holdout, num_classes=t.bundle.info.num_classes,
                          generator=torch.Generator().manual_seed(0))
     res = DEFENSES.build({"name": "neural-cleanse", **NC_BUDGET}).scan(ctx)
-    assert res.flagged == [], res.flagged  # measured: none (score 1.10)
+    assert res.flagged == [], res.flagged  # measured: none (anomaly index 1.54)
     norms = res.metrics["mask_l1"]
-    assert norms[0] > 0.8 * res.metrics["mad_median"], norms[0]  # measured 60.5 against a median of 44.7
+    # measured 45.9 against a median of 55.4 (0.83); plain BadNets' label 0 reaches 9.3 against 55.0
+    assert norms[0] > 0.7 * res.metrics["mad_median"], norms[0]
 
 
 def test_clean_model_ignores_the_lsp_trigger(lsp_badnets):

@@ -157,11 +157,10 @@ def test_teco_must_be_fitted_first(badnets):
 
 # --- behaviour on GTSRB -------------------------------------------------------------------------------
 
-# measured on these 100 + 100 inputs with the threshold fitted on 100 holdout images (AUROC; 300 + 300
-# inputs, 300 holdout images: 0.840 fp32, 0.833 int8-torch, 0.855 int8-ort)
-MEASURED = {"fp32": 0.853, "int8-torch": 0.873, "int8-ort": 0.877}
-# another CI machine measured 0.812 (fp32) and 0.843 (int8-ort) on its own training path of the same
-# cell, FAR 0.70 at int8-ort: the tolerance is that spread, not the evaluation's
+# measured on these 100 + 100 inputs with the threshold fitted on 100 holdout images, on the pinned
+# AVX2 training path of tests/conftest.py (the AVX-512 path gave 0.853, 0.873, 0.877; another CI
+# machine 0.812 and 0.843: the tolerance is that spread, not the evaluation's)
+MEASURED = {"fp32": 0.935, "int8-torch": 0.920, "int8-ort": 0.924}
 AUROC_TOL = 0.06
 
 
@@ -176,9 +175,9 @@ def test_teco_scores_triggered_inputs_higher_on_gtsrb_badnets(badnets, precision
     assert m["auroc"] >= 0.78
     # the threshold targets 1% of clean inputs (measured 0.01-0.04 on the test images); clean inputs
     # that flip early under a few corruptions reach the triggered inputs' deviations, so at that
-    # threshold only 6-30% of the triggered inputs are flagged
-    assert m["frr"] <= 0.1  # measured 0.01-0.07
-    assert 1.5 <= m["threshold"] <= 2.5 and m["far"] >= 0.6 and m["detected"] is False
+    # threshold only 8-42% of the triggered inputs are flagged (FAR 0.58-0.92 on the pinned path)
+    assert m["frr"] <= 0.1, m  # measured 0.00-0.07
+    assert 1.5 <= m["threshold"] <= 2.5 and m["far"] >= 0.5 and m["detected"] is False, m
 
 
 def test_teco_clean_model_false_positive_rate_stays_near_the_chosen_frr(clean_model):

@@ -31,6 +31,15 @@ test machine (1 thread) the small CNN's first graph took 22 s with Inductor's on
 (``/tmp/torchinductor_$USER``) cold and ~5 s with it warm; each further batch range 2-5 s.
 Inductor generates C++ for the glue between the oneDNN calls, so it needs a C++ compiler.
 
+**The same artifact classifies differently on CPUs without VNNI.** oneDNN's u8 x s8 kernels use
+VNNI's ``vpdpbusd`` where the CPU has it (AVX512-VNNI, AVX-VNNI, AMX) and otherwise AVX2's
+``vpmaddubsw``, whose pairwise int16 sums saturate over full-range uint8 activations (the reason
+``reduce_range=True`` exists for such CPUs). On a VNNI CPU the artifact agrees with its surrogate
+on every GTSRB test image; with oneDNN held to AVX2 (an AVX2-only CPU, or
+``ONEDNN_MAX_CPU_ISA=AVX2``) on 97.9% of them, with clean accuracy 0.6 points lower and BadNets
+ASR 0.81 -> 0.72 (BENCHMARKS.md, "int8-pt2e depends on the CPU it runs on"). ``info["onednn_vnni"]``
+records which kind of kernel this process runs (:func:`onednn_vnni`).
+
 :func:`pt2e_surrogate` turns a converted PT2E graph (this module's, and ``int8-executorch``'s,
 whose XNNPACK quantizer emits the same ``quantized_decomposed`` ops with int8 activations) into a
 differentiable float module: every quantize/dequantize pair becomes
@@ -309,6 +318,19 @@ class TwoOutputClassifier(Classifier):
         return self._run(x)[1].float()
 
 
+_NO_VNNI_CAPS = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE"})
+
+
+def onednn_vnni() -> bool:
+    """Whether oneDNN's int8 kernels in this process use VNNI dot products: the CPU has them
+    (AVX512-VNNI, AVX-VNNI or AMX) and ``ONEDNN_MAX_CPU_ISA`` does not cap oneDNN below them."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    if cap in _NO_VNNI_CAPS:
+        return False
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 class Pt2eClassifier(TwoOutputClassifier):
     """A converted PT2E program compiled by Inductor (``freezing=True``): oneDNN int8 kernels.
 
@@ -387,6 +409,6 @@ def int8_pt2e(cfg: Pt2eInt8Config, model: nn.Module, *, calib: TensorData | None
     clf.artifact = {"program": to_bytes_tensor(data), "input_shape": list(shape)}
     clf.info.update({"runtime": "torch-inductor", "runtime_version": torch.__version__,
                      "torchao_version": torchao.__version__, "simulated": False, "calib_size": cfg.calib_size,
-                     "activations": "uint8", "weights": "int8 per-channel", **info})
+                     "activations": "uint8", "weights": "int8 per-channel", "onednn_vnni": onednn_vnni(), **info})
     clf.surrogate = surrogate_classifier(ep.module(), cfg.tag(), device)
     return clf

@@ -573,7 +573,10 @@ class KArm(Scanner):
             "best_reversed_asr_artifact": asr_art, "best_reversed_asr_grad": asr_grad, "topk": cand.topk,
             "bounds": bounds, "size_scale": s, "seconds": time.perf_counter() - t0,
         }
-        images = {"mask": mask.float(), "pattern": pattern.float(), "trigger": (mask * pattern).float()}
+        # the authors' decoding tanh(w) / (2 - 1e-7) + 0.5 lies in (0, 1), but float32 rounds a
+        # saturated tanh to a few 1e-8 below 0: the images a user saves are clamped to [0, 1]
+        mask, pattern = mask.float().clamp(0, 1), pattern.float().clamp(0, 1)
+        images = {"mask": mask, "pattern": pattern, "trigger": mask * pattern}
         return ScanResult(flagged=[target] if verdict else [], score=float(score), per_label=per_label,
                           images=images, metrics=metrics)
 

@@ -408,6 +408,7 @@ class NeuralCleanse(Scanner):
                    "reversed_asr_agreement": float(agree.mean()) if len(agree) else float("nan"),
                    "reached_asr_threshold": rev.reached, "steps_used": rev.steps_used, "steps_max": self.hp.steps,
                    "mad_median": mad.median, "mad": mad.mad, "mode": self.mode}
+        mask, pattern = mask.clamp(0, 1), pattern.clamp(0, 1)  # float32 rounding of tanh(w) / (2 - 1e-7) + 0.5
         images = {"mask": mask, "pattern": pattern, "trigger": mask * pattern}
         return ScanResult(flagged=mad.flagged, score=mad.score, per_label=mad.index, images=images,
                           metrics=metrics)
