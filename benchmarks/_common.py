@@ -26,7 +26,10 @@ def machine() -> dict[str, Any]:
     flags = set(info.get("flags", "").split())
     # int8 and bf16 speed depends on these (VNNI: one instruction per int8 dot product; AMX: tiles)
     isa = sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"})
+    # a training path is one per (kernel ISA, thread count): record any pinning (tests/conftest.py)
+    pinned = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
     return {"cpu": cpu, "isa": isa, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_pinned": pinned,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}

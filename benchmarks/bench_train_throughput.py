@@ -7,9 +7,10 @@ themselves reach, against the memory-bound batch norm, ReLU and pooling.
 (``bench_gtsrb_models.py``): the same FLOPs, batch norm and ReLU on a quarter of the activations.
 ``--allocator-ab R`` reruns the benchmark in R pairs of fresh processes, glibc's default malloc
 (``BACKDOORLAB_MALLOC=system``) then the tuned one ``fit()`` sets (``utils.tune_cpu_allocator``),
-and reports the ratio of their rates.
+and reports the ratio of their rates. ``--isa-ab R`` does the same for the kernels this CPU picks
+against ATen and oneDNN pinned to AVX2 (``tests/conftest.py``'s one training path).
 Usage: python benchmarks/bench_train_throughput.py [--models ...] [--device auto] [--profile]
-       [--allocator-ab R]
+       [--allocator-ab R] [--isa-ab R]
 """
 
 from __future__ import annotations
@@ -133,11 +134,15 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="split the first model's step by operator kind")
     ap.add_argument("--allocator-ab", type=int, metavar="R", default=0,
                     help="R pairs of fresh processes: glibc's default malloc against the tuned one")
+    ap.add_argument("--isa-ab", type=int, metavar="R", default=0,
+                    help="R pairs of fresh processes: the CPU's own kernels against ATen and oneDNN pinned to AVX2")
     args = ap.parse_args()
-    if args.allocator_ab:
-        if args.profile or resolve_device(args.device).type != "cpu":
-            ap.error("--allocator-ab measures CPU training only, without --profile")
-        return allocator_ab(args)
+    for kind in ("allocator", "isa"):
+        rounds = getattr(args, f"{kind}_ab")
+        if rounds:
+            if args.profile or resolve_device(args.device).type != "cpu":
+                ap.error(f"--{kind}-ab measures CPU training only, without --profile")
+            return ab(args, kind, rounds)
     from bench_gtsrb_models import register
 
     register()
@@ -172,43 +177,58 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def allocator_ab(args: argparse.Namespace) -> None:
-    """Alternate fresh processes under each allocator setting (it is process-wide, set once)."""
+# the A/B comparisons: for each, its setting name in the rows and the environment of each mode
+_ISA_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+AB = {
+    "allocator": {"system": {"BACKDOORLAB_MALLOC": "system"}, "tuned": {"BACKDOORLAB_MALLOC": "tuned"}},
+    # tests/conftest.py's pinning against the kernels this CPU would pick
+    "isa": {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}},
+}
+
+
+def ab(args: argparse.Namespace, kind: str, rounds: int) -> None:
+    """Alternate fresh processes under each setting of ``kind`` (process-wide, set once): the
+    ratio of the second mode's training rate to the first's, measured in the same run."""
+    modes = AB[kind]
+    first, second = list(modes)
     runs: list[dict] = []  # one fresh process per round, setting and model: its peak RSS is that model's
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.allocator_ab):
-            for mode in ("system", "tuned"):
+        for r in range(rounds):
+            for mode, extra in modes.items():
+                env = {k: v for k, v in os.environ.items() if kind != "isa" or k not in _ISA_VARS}
                 for m in args.models:
                     out = os.path.join(tmp, f"{r}-{mode}-{m}.json")
                     subprocess.run([sys.executable, __file__, "--models", m, "--device", "cpu", "--out", out],
-                                   env={**os.environ, "BACKDOORLAB_MALLOC": mode}, check=True,
-                                   stdout=subprocess.DEVNULL)
+                                   env={**env, **extra}, check=True, stdout=subprocess.DEVNULL)
                     got = json.loads(open(out).read())
-                    assert got["allocator"] == mode, got["allocator"]
+                    if kind == "allocator":
+                        assert got["allocator"] == mode, got["allocator"]
                     x = got["rows"][0]
-                    runs.append({"round": r, "allocator": mode, "peak_matmul_gflops": got["peak_matmul_gflops"],
-                                 "peak_rss_mb": got["peak_rss_mb"], **x})
+                    runs.append({"round": r, kind: mode, "peak_matmul_gflops": got["peak_matmul_gflops"],
+                                 "peak_rss_mb": got["peak_rss_mb"],
+                                 "cpu_capability": got["machine"]["torch_cpu_capability"], **x})
                     print(f"round {r} {mode}: {m} {x['images_per_s']:.0f} images/s ({x['fraction_of_peak']:.3f} "
                           f"of peak), peak RSS {got['peak_rss_mb']:.0f} MB", flush=True)
     summary = []
     for m in args.models:
         def of(key: str, mode: str, m: str = m) -> list[float]:
-            return [run[key] for run in runs if run["allocator"] == mode and run["model"] == m]
+            return [run[key] for run in runs if run[kind] == mode and run["model"] == m]
 
-        rate, frac, rss = ({mode: of(k, mode) for mode in ("system", "tuned")}
+        rate, frac, rss = ({mode: of(k, mode) for mode in modes}
                            for k in ("images_per_s", "fraction_of_peak", "peak_rss_mb"))
         summary.append({"model": m, "images_per_s": {k: statistics.mean(v) for k, v in rate.items()},
                         "peak_rss_mb": {k: max(v) for k, v in rss.items()},
                         "fraction_of_peak": {k: [min(v), statistics.mean(v), max(v)] for k, v in frac.items()},
-                        "ratio_tuned_to_system": statistics.mean(rate["tuned"]) / statistics.mean(rate["system"])})
-    path = write("train_throughput_allocator", {"rounds": args.allocator_ab, "runs": runs, "summary": summary},
-                 args.out)
-    print(table(["model", "system images/s", "tuned images/s", "tuned / system", "fraction of peak system (min-max)",
-                 "fraction of peak tuned (min-max)", "peak RSS system / tuned (MB)"],
-                [[s["model"], s["images_per_s"]["system"], s["images_per_s"]["tuned"], s["ratio_tuned_to_system"],
-                  "{:.3f}-{:.3f}".format(*s["fraction_of_peak"]["system"][::2]),
-                  "{:.3f}-{:.3f}".format(*s["fraction_of_peak"]["tuned"][::2]),
-                  f"{s['peak_rss_mb']['system']:.0f} / {s['peak_rss_mb']['tuned']:.0f}"] for s in summary]))
+                        f"ratio_{second}_to_{first}": statistics.mean(rate[second]) / statistics.mean(rate[first])})
+    name = "train_throughput_allocator" if kind == "allocator" else f"train_throughput_{kind}"
+    path = write(name, {"rounds": rounds, "modes": modes, "runs": runs, "summary": summary}, args.out)
+    print(table(["model", f"{first} images/s", f"{second} images/s", f"{second} / {first}",
+                 f"fraction of peak {first} (min-max)", f"fraction of peak {second} (min-max)",
+                 f"peak RSS {first} / {second} (MB)"],
+                [[s["model"], s["images_per_s"][first], s["images_per_s"][second], s[f"ratio_{second}_to_{first}"],
+                  "{:.3f}-{:.3f}".format(*s["fraction_of_peak"][first][::2]),
+                  "{:.3f}-{:.3f}".format(*s["fraction_of_peak"][second][::2]),
+                  f"{s['peak_rss_mb'][first]:.0f} / {s['peak_rss_mb'][second]:.0f}"] for s in summary]))
     print(f"wrote {path}")
 
 
