@@ -103,8 +103,15 @@ def versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"backdoorlab": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "platform": platform.platform(terse=True)}
+    out = {"backdoorlab": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+           "python": platform.python_version(), "platform": platform.platform(terse=True),
+           # the kernels that trained and ran the cell: another instruction set trains another
+           # model from the same seed (README, "One training path on every x86 machine")
+           "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if onednn:
+        out["onednn_max_cpu_isa"] = onednn
+    return out
 
 
 @dataclass
