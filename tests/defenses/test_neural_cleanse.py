@@ -3,9 +3,11 @@
 Budget: the paper's 1000 steps x 31 mini-batches of 32 per label is CPU-days; these tests run
 ``BUDGET`` (one mini-batch of 16 images per step, 100 steps, the authors' schedule otherwise), which
 brings the infected label's mask down to about the true 9-pixel patch (9.3) while the other labels
-stay at 33-140 pixels. Each scan costs ~45 s on 2 cores. Mini-batches of 4 were too noisy: on the
-pinned AVX2 training path (tests/conftest.py) they left label 0 at 31 pixels among others at 29-32,
-and Neural Cleanse flagged nothing (anomaly index 1.3; 1.9 after 300 steps).
+stay at 33-140 pixels. Each scan costs ~50 s on 2 threads, ~95 s in one xdist worker. Smaller
+mini-batches were too noisy on the pinned AVX2 training path (tests/conftest.py): at 4 label 0's
+mask stayed at 31 pixels among others at 29-32 and nothing was flagged (anomaly index 1.3; 1.9
+after 300 steps); at 8 BadNets' target was flagged (index 2.89) but so were class 12 of the clean
+model (2.5) and class 25 of the LSP model (2.15).
 """
 
 from __future__ import annotations
